@@ -1,0 +1,37 @@
+"""sparse_robust: sparse and adversarially robust neural networks in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.4.35",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "chex>=0.1.87",
+    "ml-collections>=0.1.1",
+    "tensorflow-datasets>=4.9.7",
+    "orbax-checkpoint>=0.10",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # TensorFlow is only needed to *prepare* tfds datasets (CIFAR-10, MNIST) from the
+    # network; Fashion-MNIST from local IDX files needs none of it.
+    "tf": ["tensorflow-cpu>=2.16"],
+}
+
+setuptools.setup(
+    name="sparse_robust",
+    version="0.1.0",
+    description="Sparse and adversarially robust neural networks: lottery tickets, "
+    "adversarial pruning and inverse weights inheritance in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["sparse_robust", "sparse_robust.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
