@@ -1,0 +1,107 @@
+"""Training objectives: natural, the Cosentino 50/50 mix, PGD-AT (Madry) and TRADES.
+
+An objective is a frozen (hashable) dataclass called as
+``objective(model_fn, params, model_state, x, y, key) -> (loss, (new_model_state, metrics))``
+where ``model_fn(params, model_state, x, train) -> (logits, new_model_state)``.
+Adversarial batches are generated with the *current* params in eval mode and held under
+stop-gradient, so the parameter gradient is that of the loss at fixed adversarial inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OBJECTIVES = ("natural", "mixed", "madry", "trades")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with optional label smoothing."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """Per-example KL(softmax(p) || softmax(q))."""
+    p_log = jax.nn.log_softmax(p_logits)
+    return jnp.sum(jnp.exp(p_log) * (p_log - jax.nn.log_softmax(q_logits)), axis=-1)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training loss.
+
+    Attributes:
+      name: "natural" (clean CE), "mixed" ((1-w)·CE(clean) + w·CE(adv), Cosentino et al. with
+        w = 0.5), "madry" (CE(adv), PGD adversarial training) or "trades"
+        (CE(clean) + β·KL(p_clean ‖ p_adv), Zhang et al. 2019).
+      attack: the attack that makes the adversarial batch (any ``sparse_robust.attacks`` attack);
+        None only for "natural". Use FGSM with a random start here for "fast" adversarial training.
+      adv_weight: w for "mixed".
+      trades_beta: β for "trades".
+      label_smoothing: applied to the cross-entropy targets (clean and adversarial).
+    """
+
+    name: str = "natural"
+    attack: Optional[Callable[..., jax.Array]] = None
+    adv_weight: float = 0.5
+    trades_beta: float = 6.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"Unknown objective {self.name!r}; choose one of {OBJECTIVES}.")
+        if self.name != "natural" and self.attack is None:
+            raise ValueError(f"Objective {self.name!r} needs an attack to make adversarial batches.")
+        if not 0.0 <= self.adv_weight <= 1.0:
+            raise ValueError(f"adv_weight is {self.adv_weight}; it must lie in [0, 1].")
+        if self.trades_beta < 0:
+            raise ValueError(f"trades_beta is {self.trades_beta}; it must be >= 0.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing is {self.label_smoothing}; it must lie in [0, 1).")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.name != "natural"
+
+    def adversarial_batch(self, model_fn, params, model_state, x, y, key) -> jax.Array:
+        """The attack on the current params (eval mode), under stop-gradient."""
+        frozen = jax.lax.stop_gradient(params)
+        logits_fn = lambda z: model_fn(frozen, model_state, z, False)[0]
+        return jax.lax.stop_gradient(self.attack(logits_fn, x, y, key))
+
+    def __call__(self, model_fn, params, model_state, x, y, key) -> tuple[jax.Array, Any]:
+        if not self.adversarial:
+            logits, new_state = model_fn(params, model_state, x, True)
+            loss = jnp.mean(cross_entropy(logits, y, self.label_smoothing))
+            return loss, (new_state, {"loss": loss, "accuracy": accuracy(logits, y)})
+
+        x_adv = self.adversarial_batch(model_fn, params, model_state, x, y, key)
+        if self.name == "madry":
+            adv_logits, new_state = model_fn(params, model_state, x_adv, True)
+            loss = jnp.mean(cross_entropy(adv_logits, y, self.label_smoothing))
+            return loss, (new_state, {"loss": loss, "adv_accuracy": accuracy(adv_logits, y)})
+
+        # One forward pass over clean + adversarial halves: one bigger matmul beats two small ones.
+        logits, new_state = model_fn(params, model_state, jnp.concatenate([x, x_adv]), True)
+        clean_logits, adv_logits = jnp.split(logits, 2)
+        clean_ce = jnp.mean(cross_entropy(clean_logits, y, self.label_smoothing))
+        if self.name == "mixed":
+            adv_term = jnp.mean(cross_entropy(adv_logits, y, self.label_smoothing))
+            loss = (1.0 - self.adv_weight) * clean_ce + self.adv_weight * adv_term
+        else:
+            adv_term = jnp.mean(kl_divergence(clean_logits, adv_logits))
+            loss = clean_ce + self.trades_beta * adv_term
+        metrics = {"loss": loss, "accuracy": accuracy(clean_logits, y),
+                   "adv_accuracy": accuracy(adv_logits, y)}
+        return loss, (new_state, metrics)

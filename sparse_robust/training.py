@@ -1,0 +1,179 @@
+"""Train state, jitted train steps (``lax.scan`` over batches) and evaluation.
+
+One training loop serves every experiment: it takes any :class:`~sparse_robust.objectives.Objective`
+and any optax optimizer, keeps pruned weights at zero through
+:func:`~sparse_robust.pruning.keep_pruned_at_zero`, and draws each step's randomness from
+``fold_in(state.key, state.step)`` so that a run resumed from a checkpoint continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparse_robust import masks as masks_lib
+from sparse_robust import objectives as objectives_lib
+from sparse_robust import pruning
+
+ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (a pytree).
+
+    ``key`` is a raw uint32 PRNG key (``jax.random.PRNGKey``) so that checkpoints store it as a
+    plain array. The mask lives in the optimizer state (see ``keep_pruned_at_zero``).
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: pruning.MaskedState
+    key: jax.Array
+
+    @property
+    def mask(self):
+        return self.opt_state.mask
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, **self.model_state}
+
+
+def make_model_fn(model: nn.Module) -> ModelFn:
+    """``model_fn(params, model_state, x, train) -> (logits, new_model_state)`` for a flax module.
+
+    ``model_state`` holds the non-trainable collections (e.g. ``batch_stats``); in train mode they
+    are updated, in eval mode they are read only.
+    """
+
+    def model_fn(params, model_state, x, train):
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            logits, new_state = model.apply(variables, x, train=True, mutable=list(model_state))
+            return logits, dict(new_state)
+        return model.apply(variables, x, train=train), model_state
+
+    return model_fn
+
+
+def init_variables(model: nn.Module, key: jax.Array, sample_input: jax.Array) -> tuple[Any, dict]:
+    """(params, model_state) of a freshly initialised model."""
+    variables = dict(model.init(key, sample_input, train=False))
+    params = variables.pop("params")
+    return params, variables
+
+
+def create_train_state(params, model_state, tx: optax.GradientTransformation, mask,
+                       key: jax.Array) -> TrainState:
+    """A fresh state at step 0: masked params, a *fresh* optimizer state holding ``mask``.
+
+    The state owns copies of its inputs: the train loop donates the state's buffers, and the caller
+    still needs its params (e.g. to rewind to them), mask and key afterwards.
+    """
+    params, model_state, mask, key = jax.tree_util.tree_map(
+        jnp.array, (params, model_state, mask, jnp.asarray(key, jnp.uint32)))
+    params = masks_lib.apply_mask(params, mask)
+    opt_state = pruning.keep_pruned_at_zero(tx, mask).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=opt_state, key=key)
+
+
+def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
+                    objective: objectives_lib.Objective,
+                    augment: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
+    """``train_step(state, x, y) -> (state, metrics)``: one masked optimizer step (not jitted)."""
+    masked_tx = pruning.keep_pruned_at_zero(tx)
+
+    def train_step(state: TrainState, x, y):
+        step_key = jax.random.fold_in(state.key, state.step)
+        augment_key, attack_key = jax.random.split(step_key)
+        if augment is not None:
+            x = augment(augment_key, x)
+        grad_fn = jax.value_and_grad(objective, argnums=1, has_aux=True)
+        (_, (model_state, metrics)), grads = grad_fn(model_fn, state.params, state.model_state,
+                                                     x, y, attack_key)
+        updates, opt_state = masked_tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  model_state=model_state, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
+                    objective: objectives_lib.Objective, augment=None):
+    """A jitted ``loop(state, images, labels, indices) -> (state, mean_metrics)``.
+
+    ``indices`` is an int array [num_steps, batch] (see ``data.batch_indices``); the batches are
+    gathered on device inside a ``lax.scan``, and the metrics are averaged on device, so a chunk
+    of steps costs one dispatch and one host transfer. The state's buffers are donated.
+    """
+    train_step = make_train_step(model_fn, tx, objective, augment)
+
+    def loop(state, images, labels, indices):
+        def body(carry, idx):
+            return train_step(carry, images[idx], labels[idx])
+
+        state, metrics = jax.lax.scan(body, state, indices)
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return jax.jit(loop, donate_argnums=0)
+
+
+def _padded_batches(num_examples: int, batch_size: int):
+    """(start, valid) pairs covering [0, num_examples) in fixed-size batches."""
+    for start in range(0, num_examples, batch_size):
+        yield start, min(batch_size, num_examples - start)
+
+
+def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
+    """Rows [start, start+batch_size) of ``array``, padded with copies of row 0 at the end."""
+    chunk = array[start:start + batch_size]
+    if len(chunk) < batch_size:
+        pad = np.repeat(array[:1], batch_size - len(chunk), axis=0)
+        chunk = np.concatenate([chunk, pad])
+    return chunk
+
+
+def make_eval_fn(model_fn: ModelFn, attack=None):
+    """Jitted per-batch sums of clean (and adversarial) loss and correct predictions.
+
+    Returns ``eval_batch(params, model_state, x, y, weight, key) -> dict of sums``; ``weight`` is
+    1 for real examples and 0 for padding, so a last partial batch compiles nothing new.
+    """
+
+    def eval_batch(params, model_state, x, y, weight, key):
+        logits, _ = model_fn(params, model_state, x, False)
+        sums = {"loss": jnp.sum(weight * objectives_lib.cross_entropy(logits, y)),
+                "accuracy": jnp.sum(weight * (jnp.argmax(logits, -1) == y))}
+        if attack is not None:
+            x_adv = attack(lambda z: model_fn(params, model_state, z, False)[0], x, y, key)
+            adv_logits, _ = model_fn(params, model_state, x_adv, False)
+            sums["adv_loss"] = jnp.sum(weight * objectives_lib.cross_entropy(adv_logits, y))
+            sums["adv_accuracy"] = jnp.sum(weight * (jnp.argmax(adv_logits, -1) == y))
+        return sums
+
+    return jax.jit(eval_batch)
+
+
+def evaluate(eval_batch, params, model_state, images: np.ndarray, labels: np.ndarray,
+             key: jax.Array, batch_size: int = 1000) -> dict[str, float]:
+    """Mean loss/accuracy (clean, and adversarial when the eval fn has an attack) over a dataset."""
+    if len(images) == 0:
+        raise ValueError("Cannot evaluate on an empty dataset.")
+    batch_size = min(batch_size, len(images))
+    totals = None
+    for i, (start, valid) in enumerate(_padded_batches(len(images), batch_size)):
+        weight = (np.arange(batch_size) < valid).astype(np.float32)
+        sums = eval_batch(params, model_state, pad_batch(images, start, batch_size),
+                          pad_batch(labels, start, batch_size), weight, jax.random.fold_in(key, i))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    return {k: float(v) / len(images) for k, v in totals.items()}
