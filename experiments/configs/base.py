@@ -1,0 +1,73 @@
+"""The Cosentino et al. (2019) protocol; other configs start from it and change a few fields."""
+
+import ml_collections
+
+
+def attack_presets() -> ml_collections.ConfigDict:
+    """Attacks by label; train.attack / eval.attack / eval.attacks refer to these labels."""
+    return ml_collections.ConfigDict({
+        # Cosentino et al.: L∞, ε = 0.3, on the model's predicted labels.
+        "fgsm": {"name": "fgsm", "eps": 0.3, "label_source": "predicted"},
+        "pgd": {"name": "pgd", "eps": 0.3, "step_size": 0.05, "num_steps": 10, "norm": "linf",
+                "random_start": True, "restarts": 1, "loss": "ce", "label_source": "predicted"},
+        # Stronger evaluators on the true labels.
+        "pgd40": {"name": "pgd", "eps": 0.3, "step_size": 0.01, "num_steps": 40, "norm": "linf",
+                  "random_start": True, "restarts": 1, "loss": "ce", "label_source": "true"},
+        "apgd_ce": {"name": "apgd", "eps": 0.3, "num_steps": 100, "norm": "linf", "loss": "ce",
+                    "label_source": "true"},
+        "apgd_dlr": {"name": "apgd", "eps": 0.3, "num_steps": 100, "norm": "linf", "loss": "dlr",
+                     "label_source": "true"},
+    })
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_trials = 5
+    config.progress = True
+
+    config.data = ml_collections.ConfigDict({
+        "name": "fashion_mnist",
+        "source": "auto",          # idx files when present (apt-get install dataset-fashion-mnist), else tfds
+        "data_dir": "",
+        "download": False,         # never download unless asked
+        "validation_size": 10_000,  # the first 10,000 training images
+        "train_limit": 0,          # 0 = all remaining training images
+        "flatten": True,
+    })
+    config.model = ml_collections.ConfigDict({"name": "dense-300-100", "width_multiplier": 1.0})
+
+    config.attacks = attack_presets()
+    config.train = ml_collections.ConfigDict({
+        "optimizer": "adam",
+        "learning_rate": 1.2e-3,
+        "weight_decay": 0.0,
+        "momentum": 0.9,
+        "batch_size": 60,
+        "num_steps": 50_000,
+        "label_smoothing": 0.1,
+        "objective": "mixed",      # natural | mixed (0.5 clean + 0.5 adv) | madry | trades
+        "adv_weight": 0.5,
+        "trades_beta": 6.0,
+        "attack": "fgsm",          # a label from config.attacks
+        "augment": False,          # random crop + flip (image datasets)
+    })
+    config.eval = ml_collections.ConfigDict({
+        "every": 1_000,            # steps between validation/test measurements
+        "num_examples": 2_000,     # examples of val and test used at each measurement (0 = all)
+        "batch_size": 1_000,
+        "attack": "fgsm",          # attack of the periodic measurements
+        "attacks": "fgsm,pgd",     # attacks of the final test evaluation, comma-separated labels
+        "early_stop_metric": "objective",  # lowest validation value of: objective | clean_loss | adv_loss
+    })
+    config.prune = ml_collections.ConfigDict({
+        "levels": 20,              # pruning levels after the dense level 0
+        "scope": "layerwise",      # layerwise | global
+        "rates": {"default": 0.2, "output": 0.1},  # of the remaining weights, per level
+        "global_rate": 0.2,        # used when scope = global
+        "criterion": "magnitude",  # magnitude | random
+        "strategy": "rewind_init",  # rewind_init | rewind_step | random_reinit | continue | dense_trained
+        "rewind_step": 0,          # k for rewind_step
+    })
+    config.checkpoint_every = 5_000  # steps; a multiple of eval.every keeps resumes exact
+    return config

@@ -1,0 +1,187 @@
+"""Experiment configs: validation before any compute, and the objects a config describes.
+
+A config is an ``ml_collections.ConfigDict`` (see ``experiments/configs/``). Attacks are defined
+once, by label, under ``config.attacks``; training and evaluation refer to them by that label,
+so ``--config.train.attack=fgsm`` or ``--config.attacks.pgd.num_steps=40`` are one-field overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import optax
+
+from sparse_robust import attacks as attacks_lib
+from sparse_robust import data as data_lib
+from sparse_robust import models as models_lib
+from sparse_robust import objectives as objectives_lib
+from sparse_robust import pruning
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+STRATEGIES = ("rewind_init", "rewind_step", "random_reinit", "continue", "dense_trained")
+CRITERIA = ("magnitude", "random")
+EARLY_STOP_METRICS = ("objective", "clean_loss", "adv_loss")
+# Fields that change how a run is shown or where it finds data, not what it computes:
+# they may differ when a workdir is resumed.
+NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field and the allowed values."""
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config.{field} = {value!r} is invalid: {allowed}.")
+
+
+def _positive_int(config, field: str, allow_zero: bool = False) -> None:
+    value = _get(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        _fail(field, value, f"expected an integer >= {0 if allow_zero else 1}")
+
+
+def _get(config, field: str):
+    node = config
+    for part in field.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{field} is missing; see experiments/configs/ for a template.")
+        node = node[part]
+    return node
+
+
+def attack_settings(config, label: str) -> dict:
+    if label not in config.attacks:
+        raise ConfigError(f"Attack {label!r} is not defined under config.attacks; defined: "
+                          f"{sorted(config.attacks)}.")
+    return config.attacks[label].to_dict()
+
+
+def build_attack(config, label: str):
+    try:
+        return attacks_lib.make_attack(**attack_settings(config, label))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.attacks.{label}: {err}") from None
+
+
+def eval_attack_labels(config) -> list[str]:
+    labels = [s.strip() for s in config.eval.attacks.split(",") if s.strip()]
+    return labels
+
+
+def pruning_rates(config):
+    """``config.prune.rates`` as the pruning module takes it: a float or {layer or '*': rate}."""
+    if config.prune.scope == "global":
+        return float(config.prune.global_rate)
+    rates = config.prune.rates.to_dict()
+    if "default" in rates:
+        rates[pruning.DEFAULT_RATE_KEY] = rates.pop("default")
+    return rates
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the first bad field; cheap, runs before any data or compute."""
+    if _get(config, "data.name") not in data_lib.DATASET_NAMES:
+        _fail("data.name", config.data.name, f"choose one of {data_lib.DATASET_NAMES}")
+    if _get(config, "data.source") not in data_lib.SOURCES:
+        _fail("data.source", config.data.source, f"choose one of {data_lib.SOURCES}")
+    _positive_int(config, "data.validation_size", allow_zero=True)
+    _positive_int(config, "data.train_limit", allow_zero=True)
+    if _get(config, "model.name") not in models_lib.available_models():
+        _fail("model.name", config.model.name, f"choose one of {models_lib.available_models()}")
+    _positive_int(config, "seed", allow_zero=True)
+    _positive_int(config, "num_trials")
+
+    train = _get(config, "train")
+    if train.optimizer not in OPTIMIZERS:
+        _fail("train.optimizer", train.optimizer, f"choose one of {OPTIMIZERS}")
+    if not train.learning_rate > 0:
+        _fail("train.learning_rate", train.learning_rate, "must be > 0")
+    _positive_int(config, "train.batch_size")
+    _positive_int(config, "train.num_steps")
+    if train.objective not in objectives_lib.OBJECTIVES:
+        _fail("train.objective", train.objective, f"choose one of {objectives_lib.OBJECTIVES}")
+    build_objective(config)
+
+    _positive_int(config, "eval.every")
+    _positive_int(config, "eval.batch_size")
+    _positive_int(config, "eval.num_examples", allow_zero=True)
+    _positive_int(config, "checkpoint_every")
+    if config.eval.early_stop_metric not in EARLY_STOP_METRICS:
+        _fail("eval.early_stop_metric", config.eval.early_stop_metric,
+              f"choose one of {EARLY_STOP_METRICS}")
+    if not eval_attack_labels(config):
+        _fail("eval.attacks", config.eval.attacks, "name at least one attack from config.attacks")
+    for label in eval_attack_labels(config) + [config.eval.attack]:
+        build_attack(config, label)
+
+    prune = _get(config, "prune")
+    _positive_int(config, "prune.levels", allow_zero=True)
+    if prune.scope not in pruning.SCOPES:
+        _fail("prune.scope", prune.scope, f"choose one of {pruning.SCOPES}")
+    if prune.criterion not in CRITERIA:
+        _fail("prune.criterion", prune.criterion, f"choose one of {CRITERIA}")
+    if prune.strategy not in STRATEGIES:
+        _fail("prune.strategy", prune.strategy, f"choose one of {STRATEGIES}")
+    _positive_int(config, "prune.rewind_step", allow_zero=True)
+    if prune.strategy == "rewind_step" and not 0 < prune.rewind_step < train.num_steps:
+        _fail("prune.rewind_step", prune.rewind_step,
+              f"rewind_step needs 0 < k < train.num_steps ({train.num_steps})")
+    rates = pruning_rates(config)
+    try:
+        values = rates.values() if isinstance(rates, dict) else [rates]
+        for rate in values:
+            pruning._check_rate(rate, "")
+    except ValueError as err:
+        raise ConfigError(f"config.prune rates: {err}") from None
+
+
+def build_objective(config) -> objectives_lib.Objective:
+    train = config.train
+    attack = None if train.objective == "natural" else build_attack(config, train.attack)
+    try:
+        return objectives_lib.Objective(name=train.objective, attack=attack,
+                                        adv_weight=train.adv_weight, trades_beta=train.trades_beta,
+                                        label_smoothing=train.label_smoothing)
+    except ValueError as err:
+        raise ConfigError(f"config.train: {err}") from None
+
+
+def build_optimizer(config) -> optax.GradientTransformation:
+    train = config.train
+    if train.optimizer == "adam":
+        return optax.adam(train.learning_rate)
+    if train.optimizer == "adamw":
+        return optax.adamw(train.learning_rate, weight_decay=train.weight_decay)
+    return optax.chain(optax.add_decayed_weights(train.weight_decay),
+                       optax.sgd(train.learning_rate, momentum=train.momentum))
+
+
+def build_model(config, num_classes: int, width_multiplier: float | None = None):
+    kwargs = {}
+    width = config.model.width_multiplier if width_multiplier is None else width_multiplier
+    if width != 1.0:
+        kwargs["width_multiplier"] = width
+    return models_lib.get_model(config.model.name, num_classes=num_classes,
+                                **kwargs)
+
+
+def load_data(config) -> data_lib.Dataset:
+    data = config.data
+    return data_lib.load_dataset(data.name, source=data.source, data_dir=data.data_dir or None,
+                                 validation_size=data.validation_size, flatten=data.flatten,
+                                 download=data.download, train_limit=data.train_limit or None)
+
+
+def result_fields(config: ml_collections.ConfigDict) -> dict:
+    """The config as a plain dict without the fields that do not change results."""
+    fields = config.to_dict()
+    for dotted in NON_RESULT_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = fields
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return fields

@@ -1,0 +1,129 @@
+"""What every experiment shares: data on device, the model, compiled steps, final evaluation.
+
+Built once per run from a validated config, so that all levels and trials reuse the same
+compiled train loop and evaluation functions (no recompilation between levels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_robust import config as config_lib
+from sparse_robust import data as data_lib
+from sparse_robust import evaluation
+from sparse_robust import level as level_lib
+from sparse_robust import masks as masks_lib
+from sparse_robust import training
+
+KEY_NAMES = ("init", "data", "train", "eval", "prune", "final_eval")
+
+
+def trial_keys(seed: int, trial: int) -> dict[str, jax.Array]:
+    """Independent raw PRNG keys for each use within a trial, derived from (seed, trial)."""
+    trial_key = jax.random.fold_in(jax.random.PRNGKey(seed), trial)
+    return dict(zip(KEY_NAMES, jax.random.split(trial_key, len(KEY_NAMES))))
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: Any
+    dataset: data_lib.Dataset
+    model: Any
+    model_fn: Any
+    optimizer: Any
+    objective: Any
+    train_loop: Any
+    eval_batch: Any
+    final_attacks: dict
+    train_images: Any
+    train_labels: Any
+
+    @classmethod
+    def build(cls, config, dataset: data_lib.Dataset | None = None,
+              width_multiplier: float | None = None) -> "Experiment":
+        dataset = config_lib.load_data(config) if dataset is None else dataset
+        model = config_lib.build_model(config, dataset.num_classes, width_multiplier)
+        model_fn = training.make_model_fn(model)
+        optimizer = config_lib.build_optimizer(config)
+        objective = config_lib.build_objective(config)
+        augment = data_lib.augment_crop_flip if config.train.augment else None
+        return cls(
+            config=config, dataset=dataset, model=model, model_fn=model_fn, optimizer=optimizer,
+            objective=objective,
+            train_loop=training.make_train_loop(model_fn, optimizer, objective, augment),
+            eval_batch=training.make_eval_fn(model_fn, config_lib.build_attack(config,
+                                                                              config.eval.attack)),
+            final_attacks={label: config_lib.build_attack(config, label)
+                           for label in config_lib.eval_attack_labels(config)},
+            train_images=jnp.asarray(dataset.train_images),
+            train_labels=jnp.asarray(dataset.train_labels))
+
+    def init(self, key: jax.Array) -> tuple[Any, dict]:
+        """(params, model_state) of a fresh model."""
+        return training.init_variables(self.model, key, jnp.asarray(self.dataset.train_images[:1]))
+
+    def level_spec(self, snapshot_step: int | None = None) -> level_lib.LevelSpec:
+        cfg = self.config
+        n = cfg.eval.num_examples or None
+        ds = self.dataset
+        return level_lib.LevelSpec(
+            train_loop=self.train_loop, eval_batch=self.eval_batch,
+            train_images=self.train_images, train_labels=self.train_labels,
+            val=(ds.val_images[:n], ds.val_labels[:n]), test=(ds.test_images[:n], ds.test_labels[:n]),
+            batch_size=cfg.train.batch_size, num_steps=cfg.train.num_steps,
+            eval_every=cfg.eval.every, eval_batch_size=cfg.eval.batch_size,
+            checkpoint_every=cfg.checkpoint_every, early_stop_value=self.early_stop_value,
+            progress=cfg.progress, snapshot_step=snapshot_step)
+
+    def early_stop_value(self, val: dict) -> float:
+        metric = self.config.eval.early_stop_metric
+        if metric == "clean_loss":
+            return val["loss"]
+        if metric == "adv_loss":
+            return val["adv_loss"]
+        objective = self.objective
+        if objective.name == "natural":
+            return val["loss"]
+        if objective.name == "mixed":
+            return (1 - objective.adv_weight) * val["loss"] + objective.adv_weight * val["adv_loss"]
+        return val["adv_loss"]  # madry, and trades (whose KL term is not measured here)
+
+    def test_accuracies(self, params, model_state, key: jax.Array) -> dict:
+        """Clean, per-attack and worst-case accuracy on the whole test set."""
+        variables = {"params": params, **model_state}
+        apply_fn = lambda v, x: self.model.apply(v, x, train=False)
+        return evaluation.evaluate_robustness(
+            apply_fn, variables, self.dataset.test_images, self.dataset.test_labels,
+            self.final_attacks, key, batch_size=self.config.eval.batch_size,
+            progress=self.config.progress)
+
+
+def level_record(trial: int, level: int, mask, outcome: level_lib.LevelOutcome,
+                 final: dict, best: dict, **extra) -> dict:
+    """The summary.json record of a finished level (DESIGN.md fields first)."""
+    robust = lambda acc: {k: v for k, v in acc.items() if k != "clean"}
+    steps = int(outcome.state.step)
+    return {
+        "trial": trial,
+        "level": level,
+        "weights_remaining": masks_lib.weights_remaining(mask),
+        "clean_accuracy": final["clean"],
+        "robust_accuracy": robust(final),
+        "early_stop_step": outcome.best_step,
+        "early_stop_clean_accuracy": best["clean"],
+        "early_stop_robust_accuracy": robust(best),
+        "layer_weights_remaining": masks_lib.layer_weights_remaining(mask),
+        "steps": steps,
+        "train_seconds": outcome.train_seconds,
+        "steps_per_second": steps / max(outcome.train_seconds, 1e-9),
+        **extra,
+    }
+
+
+def save_mask(path: str, mask) -> None:
+    np.savez_compressed(path, **masks_lib.mask_to_numpy(mask))
