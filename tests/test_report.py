@@ -1,0 +1,298 @@
+"""Tests for experiments.report on fake workdirs with known numbers (2 trials × 3 levels)."""
+
+import json
+import os
+import re
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import report
+
+ATTACKS = ("fgsm", "pgd", "worst_case")
+NUM_TRIALS, NUM_LEVELS = 2, 3
+STEPS = (10, 20, 30)
+LAYER_SHAPES = {"dense_0/kernel": (5, 4), "output/kernel": (4, 3)}
+
+
+def known_numbers(seed: int) -> dict:
+    """Accuracies, early-stop steps and test adv accuracies indexed [trial, level(, step)]."""
+    rng = np.random.default_rng(seed)
+    return {
+        "clean": rng.uniform(0.8, 0.99, (NUM_TRIALS, NUM_LEVELS)),
+        **{a: rng.uniform(0.1, 0.7, (NUM_TRIALS, NUM_LEVELS)) for a in ATTACKS},
+        "early_stop_step": rng.integers(1, 50, (NUM_TRIALS, NUM_LEVELS)) * 100,
+        "curve": rng.uniform(0.0, 1.0, (NUM_TRIALS, NUM_LEVELS, len(STEPS))),
+    }
+
+
+def record(numbers, trial, level, **extra) -> dict:
+    robust = {a: float(numbers[a][trial, level]) for a in ATTACKS}
+    return {
+        "trial": trial, "level": level, "weights_remaining": 0.8 ** level,
+        "clean_accuracy": float(numbers["clean"][trial, level]), "robust_accuracy": robust,
+        "early_stop_step": int(numbers["early_stop_step"][trial, level]),
+        "early_stop_clean_accuracy": 0.5, "early_stop_robust_accuracy": dict(robust),
+        "layer_weights_remaining": {"dense_0": 0.8 ** level, "output": 0.9 ** level},
+        "steps": STEPS[-1], "train_seconds": 1.0, "steps_per_second": 30.0,
+        "strategy": "rewind_init", **extra,
+    }
+
+
+def write_workdir(path, numbers, strategy="rewind_init", checkpoints=True, seed=0, records=None):
+    """A workdir as lottery.run leaves it; records written in reverse level order."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"prune": {"strategy": strategy}, "train": {"objective": "mixed"},
+                   "data": {"name": "fashion_mnist"}}, f)
+    rng = np.random.default_rng(seed)
+    if records is None:
+        records = [record(numbers, t, lvl) for t in range(NUM_TRIALS)
+                   for lvl in reversed(range(NUM_LEVELS))]
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(records, f)
+    for t in range(NUM_TRIALS):
+        for lvl in range(NUM_LEVELS):
+            level_path = os.path.join(path, f"trial_{t}", f"level_{lvl:02d}")
+            os.makedirs(level_path)
+            with open(os.path.join(level_path, "metrics.jsonl"), "w") as f:
+                for i, step in enumerate(STEPS):
+                    metrics = {"loss": 1.0, "accuracy": 0.9, "adv_loss": 2.0,
+                               "adv_accuracy": float(numbers["curve"][t, lvl, i])}
+                    f.write(json.dumps({"step": step, "train": {"loss": 1.0, "accuracy": 0.9},
+                                        "train_seconds": 0.1 * step, "val": metrics,
+                                        "test": metrics}) + "\n")
+            if checkpoints:
+                mask = {n: rng.random(s) < 0.8 ** lvl for n, s in LAYER_SHAPES.items()}
+                np.savez(os.path.join(level_path, "mask.npz"), **mask)
+                params = {"dense_0": {"kernel": rng.normal(size=LAYER_SHAPES["dense_0/kernel"])},
+                          "output": {"kernel": rng.normal(size=LAYER_SHAPES["output/kernel"]),
+                                     "bias": np.zeros(3)}}
+                params = {k: {n: v.astype(np.float32) for n, v in d.items()}
+                          for k, d in params.items()}
+                with ocp.StandardCheckpointer() as checkpointer:
+                    checkpointer.save(os.path.join(level_path, "final_variables"),
+                                      (params, {"batch_stats": {"mean": np.zeros(2, np.float32)}}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    """Two runs (rewind_init with checkpoints, random_reinit without) and their numbers."""
+    root = tmp_path_factory.mktemp("runs")
+    numbers = [known_numbers(1), known_numbers(2)]
+    dirs = [write_workdir(root / "a", numbers[0]),
+            write_workdir(root / "b", numbers[1], strategy="random_reinit", checkpoints=False)]
+    return dirs, numbers
+
+
+def table_rows(markdown: str) -> tuple[list, list]:
+    """(header, rows) of a markdown table, cells stripped."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]
+    return split(lines[0]), [split(ln) for ln in lines[2:]]
+
+
+def parse_cell(cell: str) -> tuple[float, float]:
+    mean, std = cell.split("±")
+    return float(mean), float(std)
+
+
+def test_table_mean_std_matches_numpy(workdirs):
+    (path, _), (numbers, _) = workdirs
+    header, rows = table_rows(report.paper_table(report.load_run(path)))
+    assert header == ["Level", "Weights remaining", "Clean", "fgsm", "pgd", "Worst case",
+                      "Early-stop step"]
+    for level, row in enumerate(rows):
+        for column, key in zip(row[2:6], ("clean",) + ATTACKS):
+            mean, std = parse_cell(column)
+            values = 100 * numbers[key][:, level]
+            assert mean == pytest.approx(np.mean(values), abs=0.006)
+            assert std == pytest.approx(np.std(values, ddof=1), abs=0.006)
+        mean, std = parse_cell(row[6])
+        steps = numbers["early_stop_step"][:, level]
+        assert mean == pytest.approx(np.mean(steps), abs=0.6)
+        assert std == pytest.approx(np.std(steps, ddof=1), abs=0.6)
+
+
+def test_rows_ordered_by_level_with_weights_remaining(workdirs):
+    (path, _), _ = workdirs
+    _, rows = table_rows(report.paper_table(report.load_run(path)))
+    assert [row[0] for row in rows] == [str(lvl) for lvl in range(NUM_LEVELS)]
+    assert [row[1] for row in rows] == [f"{100 * 0.8 ** lvl:.1f}%" for lvl in range(NUM_LEVELS)]
+
+
+def test_early_stop_accuracy_and_chosen_attacks(workdirs):
+    (path, _), _ = workdirs
+    run = report.load_run(path)
+    header, rows = table_rows(report.paper_table(run, attacks=["pgd"], accuracy="early_stop"))
+    assert header[2:] == ["Clean", "pgd", "Early-stop step"]
+    assert all(row[2] == "50.00 ± 0.00" for row in rows)  # early_stop_clean_accuracy is 0.5
+
+
+def test_single_trial_has_no_std(tmp_path):
+    numbers = known_numbers(3)
+    records = [record(numbers, 0, lvl) for lvl in range(NUM_LEVELS)]
+    path = write_workdir(tmp_path / "one", numbers, checkpoints=False, records=records)
+    _, rows = table_rows(report.paper_table(report.load_run(path)))
+    assert len(rows) == NUM_LEVELS and not any("±" in cell for row in rows for cell in row)
+    assert float(rows[1][2]) == pytest.approx(100 * numbers["clean"][0, 1], abs=0.006)
+
+
+def test_latex_is_a_valid_tabular(workdirs):
+    (a, b), _ = workdirs
+    latex = report.paper_table(report.load_runs([a, b]), fmt="latex")
+    lines = latex.strip().splitlines()
+    begin = [ln for ln in lines if ln.startswith(r"\begin{tabular}")]
+    assert len(begin) == 1 and lines[-1] == r"\end{tabular}"
+    num_columns = len(re.match(r"\\begin\{tabular\}\{([lrc]+)\}", begin[0]).group(1))
+    rows = [ln for ln in lines if ln.endswith(r"\\")]
+    assert len(rows) == 1 + 2 * NUM_LEVELS  # header + rows of both runs
+    for row in rows:
+        assert len(re.findall(r"(?<!\\)&", row)) == num_columns - 1
+    assert r"rewind\_init" in latex and r"\pm" in latex and "80.0\\%" in latex
+
+
+def test_compare_two_workdirs(workdirs):
+    (a, b), (numbers_a, numbers_b) = workdirs
+    runs = report.load_runs([a, b])
+    header, rows = table_rows(report.paper_table(runs))
+    assert header[0] == "Run"
+    assert [row[0] for row in rows] == ["rewind_init"] * NUM_LEVELS + ["random_reinit"] * NUM_LEVELS
+    clean_b = parse_cell(rows[NUM_LEVELS + 2][3])[0]
+    assert clean_b == pytest.approx(100 * np.mean(numbers_b["clean"][:, 2]), abs=0.006)
+
+
+def test_same_strategy_runs_get_distinct_labels(tmp_path):
+    numbers = known_numbers(4)
+    dirs = [write_workdir(tmp_path / name, numbers, checkpoints=False) for name in ("fgsm", "pgd")]
+    labels = [run.label for run in report.load_runs(dirs)]
+    assert labels == ["rewind_init (fgsm)", "rewind_init (pgd)"]
+
+
+def test_attack_missing_from_a_run_is_a_dash(tmp_path):
+    numbers = known_numbers(9)
+    records = [record(numbers, t, lvl) for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
+    for r in records:
+        r["robust_accuracy"] = {"apgd_ce": 0.25}
+    dirs = [write_workdir(tmp_path / "a", numbers, checkpoints=False),
+            write_workdir(tmp_path / "b", numbers, checkpoints=False, records=records)]
+    header, rows = table_rows(report.paper_table(report.load_runs(dirs)))
+    assert header[4:8] == ["fgsm", "pgd", "apgd_ce", "Worst case"]
+    assert all(row[6] == "—" for row in rows[:NUM_LEVELS])
+    assert all(row[4:6] == ["—", "—"] and row[6] == "25.00 ± 0.00" for row in rows[NUM_LEVELS:])
+
+
+def test_method_rows(tmp_path):
+    numbers = known_numbers(5)
+    records = [record(numbers, t, lvl, method=m) for m in ("inverse_inheritance", "hydra")
+               for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
+    path = write_workdir(tmp_path / "methods", numbers, checkpoints=False, records=records)
+    run = report.load_run(path)
+    header, rows = table_rows(report.paper_table(run))
+    assert header[:2] == ["Method", "Level"]
+    assert [(row[0], row[1]) for row in rows] == [
+        (m, str(lvl)) for m in ("hydra", "inverse_inheritance") for lvl in range(NUM_LEVELS)]
+    assert len(report.plot_weight_distributions(run, str(tmp_path / "out"))) == 0
+    assert set(report.learning_curves(run)) == {
+        (m, lvl) for m in ("hydra", "inverse_inheritance") for lvl in range(NUM_LEVELS)}
+
+
+def test_learning_curves_average_trials(workdirs):
+    (path, _), (numbers, _) = workdirs
+    curves = report.learning_curves(report.load_run(path))
+    assert sorted(curves) == [("", lvl) for lvl in range(NUM_LEVELS)]
+    for lvl in range(NUM_LEVELS):
+        steps, values = curves[("", lvl)]
+        np.testing.assert_array_equal(steps, STEPS)
+        np.testing.assert_allclose(values, numbers["curve"][:, lvl].mean(axis=0), rtol=1e-12)
+
+
+def test_surviving_weights_are_the_masked_params(tmp_path):
+    numbers = known_numbers(6)
+    path = write_workdir(tmp_path / "w", numbers, seed=7)
+    level_path = os.path.join(path, "trial_1", "level_02")
+    weights = report.surviving_weights(level_path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(os.path.join(level_path, "final_variables"))[0]
+    mask = np.load(os.path.join(level_path, "mask.npz"))
+    assert set(weights) == set(LAYER_SHAPES)
+    for name in LAYER_SHAPES:
+        layer, leaf = name.split("/")
+        expected = np.asarray(params[layer][leaf])[mask[name]]
+        np.testing.assert_array_equal(weights[name], expected)
+        assert weights[name].size == mask[name].sum()
+
+
+def is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return os.path.getsize(path) > 1000 and f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_writes_tables_and_plots_into_first_workdir(workdirs, capsys):
+    (a, b), _ = workdirs
+    assert report.main([a, b]) == 0
+    printed = capsys.readouterr().out
+    out = os.path.join(a, "report")
+    with open(os.path.join(out, "table.md")) as f:
+        assert f.read() + "\n" == printed
+    assert "random_reinit" in printed and "| Run |" in printed
+    assert os.path.getsize(os.path.join(out, "table.tex")) > 0
+    pngs = sorted(n for n in os.listdir(out) if n.endswith(".png"))
+    # Only run a has checkpoints; no record has diagnostics.
+    assert pngs == ["accuracy_vs_weights.png", "early_stopping.png", "learning_curves.png",
+                    "weights_rewind_init_trial0.png"]
+    assert all(is_png(os.path.join(out, n)) for n in pngs)
+
+
+def test_plot_functions_return_written_pngs(workdirs, tmp_path):
+    (a, b), _ = workdirs
+    runs = report.load_runs([a, b])
+    out = str(tmp_path)
+    paths = [report.plot_early_stopping(runs, out),
+             report.plot_accuracy_vs_weights(runs, out, attacks=["fgsm"]),
+             *report.plot_weight_distributions(runs[0], out, trial=1)]
+    assert [os.path.basename(p) for p in paths] == [
+        "early_stopping.png", "accuracy_vs_weights.png", "weights_rewind_init_trial1.png"]
+    assert all(is_png(p) for p in paths)
+    assert report.plot_diagnostics(runs, out) is None
+
+
+def test_diagnostics_plot(tmp_path):
+    numbers = known_numbers(8)
+    records = [record(numbers, t, lvl, diagnostics={
+        "lipschitz_upper_bound": 10.0 ** (lvl + 1), "margin_clean_mean": 1.0 + lvl,
+        "margin_adversarial_mean": None, "weight_histograms": {"dense_0": {"counts": [1],
+                                                                           "edges": [0, 1]}}})
+               for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
+    path = write_workdir(tmp_path / "d", numbers, checkpoints=False, records=records)
+    run = report.load_run(path)
+    assert report.diagnostic_names(run) == ["lipschitz_upper_bound", "margin_clean_mean"]
+    assert is_png(report.plot_diagnostics(run, str(tmp_path), attack="pgd"))
+    with pytest.raises(ValueError, match="attack='cw'"):
+        report.plot_diagnostics(run, str(tmp_path), attack="cw")
+
+
+def test_missing_summary_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no finished level yet in .*empty"):
+        report.load_run(str(empty))
+    assert report.main([str(empty)]) == 2
+    assert "no finished level yet" in capsys.readouterr().err
+
+
+def test_bad_arguments_name_the_allowed_values(workdirs):
+    (a, _), _ = workdirs
+    run = report.load_run(a)
+    with pytest.raises(ValueError, match=r"fmt='html'.*markdown"):
+        report.paper_table(run, fmt="html")
+    with pytest.raises(ValueError, match=r"accuracy='best'"):
+        report.paper_table(run, accuracy="best")
+    with pytest.raises(ValueError, match=r"\['cw'\].*fgsm"):
+        report.paper_table(run, attacks=["cw"])
+    with pytest.raises(ValueError, match=r"trial=5.*\(0, 1\)"):
+        report.plot_weight_distributions(run, a, trial=5)
+    with pytest.raises(ValueError, match="workdirs"):
+        report.load_runs([])
