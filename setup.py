@@ -14,13 +14,14 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "pillow>=10",  # tfds decodes images with it
 ]
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8", "pytest-xdist>=3.5"],
     # TensorFlow is only needed to *prepare* tfds datasets (CIFAR-10, MNIST) from the
     # network; Fashion-MNIST from local IDX files needs none of it.
-    "tf": ["tensorflow-cpu>=2.16"],
+    "tf": ["tensorflow-cpu>=2.16", "importlib_resources>=6"],
 }
 
 setuptools.setup(

@@ -24,7 +24,8 @@ CRITERIA = ("magnitude", "random")
 EARLY_STOP_METRICS = ("objective", "clean_loss", "adv_loss")
 # Fields that change how a run is shown or where it finds data, not what it computes:
 # they may differ when a workdir is resumed.
-NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download")
+NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download", "parallel.num_devices",
+                     "parallel.distributed")
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "eval.batch_size")
     _positive_int(config, "eval.num_examples", allow_zero=True)
     _positive_int(config, "checkpoint_every")
+    _positive_int(config, "parallel.num_devices", allow_zero=True)
+    if not isinstance(_get(config, "parallel.distributed"), bool):
+        _fail("parallel.distributed", config.parallel.distributed, "expected True or False")
     if config.eval.early_stop_metric not in EARLY_STOP_METRICS:
         _fail("eval.early_stop_metric", config.eval.early_stop_metric,
               f"choose one of {EARLY_STOP_METRICS}")

@@ -18,6 +18,7 @@ from sparse_robust import data as data_lib
 from sparse_robust import evaluation
 from sparse_robust import level as level_lib
 from sparse_robust import masks as masks_lib
+from sparse_robust import parallel
 from sparse_robust import training
 
 KEY_NAMES = ("init", "data", "train", "eval", "prune", "final_eval")
@@ -42,10 +43,13 @@ class Experiment:
     final_attacks: dict
     train_images: Any
     train_labels: Any
+    mesh: Any
 
     @classmethod
     def build(cls, config, dataset: data_lib.Dataset | None = None,
               width_multiplier: float | None = None) -> "Experiment":
+        """Everything a run needs; the batch-size checks come before any data is loaded."""
+        mesh = make_mesh(config)
         dataset = config_lib.load_data(config) if dataset is None else dataset
         model = config_lib.build_model(config, dataset.num_classes, width_multiplier)
         model_fn = training.make_model_fn(model)
@@ -55,13 +59,13 @@ class Experiment:
         return cls(
             config=config, dataset=dataset, model=model, model_fn=model_fn, optimizer=optimizer,
             objective=objective,
-            train_loop=training.make_train_loop(model_fn, optimizer, objective, augment),
-            eval_batch=training.make_eval_fn(model_fn, config_lib.build_attack(config,
-                                                                              config.eval.attack)),
+            train_loop=training.make_train_loop(model_fn, optimizer, objective, augment, mesh),
+            eval_batch=training.make_eval_fn(
+                model_fn, config_lib.build_attack(config, config.eval.attack), mesh),
             final_attacks={label: config_lib.build_attack(config, label)
                            for label in config_lib.eval_attack_labels(config)},
-            train_images=jnp.asarray(dataset.train_images),
-            train_labels=jnp.asarray(dataset.train_labels))
+            train_images=to_devices(dataset.train_images, mesh),
+            train_labels=to_devices(dataset.train_labels, mesh), mesh=mesh)
 
     def init(self, key: jax.Array) -> tuple[Any, dict]:
         """(params, model_state) of a fresh model."""
@@ -78,7 +82,7 @@ class Experiment:
             batch_size=cfg.train.batch_size, num_steps=cfg.train.num_steps,
             eval_every=cfg.eval.every, eval_batch_size=cfg.eval.batch_size,
             checkpoint_every=cfg.checkpoint_every, early_stop_value=self.early_stop_value,
-            progress=cfg.progress, snapshot_step=snapshot_step)
+            progress=cfg.progress, snapshot_step=snapshot_step, mesh=self.mesh)
 
     def early_stop_value(self, val: dict) -> float:
         metric = self.config.eval.early_stop_metric
@@ -101,6 +105,31 @@ class Experiment:
             apply_fn, variables, self.dataset.test_images, self.dataset.test_labels,
             self.final_attacks, key, batch_size=self.config.eval.batch_size,
             progress=self.config.progress)
+
+
+def make_mesh(config):
+    """The data-parallel mesh of ``config.parallel`` (None: a single device, no sharding)."""
+    par = config.parallel
+    parallel.initialize_distributed(par.distributed)
+    if par.num_devices == 1:
+        return None
+    devices = jax.devices()
+    if par.num_devices > len(devices):
+        raise config_lib.ConfigError(
+            f"config.parallel.num_devices = {par.num_devices} but only {len(devices)} devices are "
+            "visible; use 0 for all of them.")
+    mesh = parallel.make_mesh(devices[:par.num_devices] if par.num_devices else devices)
+    for field, size in (("train.batch_size", config.train.batch_size),
+                        ("eval.batch_size", config.eval.batch_size)):
+        try:
+            parallel.check_divisible(size, mesh, f"config.{field}")
+        except ValueError as err:
+            raise config_lib.ConfigError(str(err)) from None
+    return mesh
+
+
+def to_devices(array, mesh):
+    return jnp.asarray(array) if mesh is None else parallel.put(array, parallel.replicated(mesh))
 
 
 def level_record(trial: int, level: int, mask, outcome: level_lib.LevelOutcome,

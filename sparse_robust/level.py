@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sparse_robust import checkpoint as checkpoint_lib
 from sparse_robust import data as data_lib
 from sparse_robust import masks as masks_lib
+from sparse_robust import parallel
 from sparse_robust import training
 
 
@@ -44,6 +45,7 @@ class LevelSpec:
     early_stop_value: Callable[[dict], float]  # validation metrics -> value to minimise
     progress: bool = True
     snapshot_step: Optional[int] = None        # also return the params after this many steps
+    mesh: Any = None                           # a parallel.make_mesh() mesh, or None: one device
 
 
 @dataclasses.dataclass
@@ -80,6 +82,8 @@ def train_level(spec: LevelSpec, state: training.TrainState, data_key: jax.Array
         seconds = extras["train_seconds"]
     state = progress["state"]
     progress = {k: host(v) for k, v in progress.items() if k != "state"}
+    if spec.mesh is not None:
+        state = parallel.put(state, parallel.replicated(spec.mesh))
     start = int(state.step)
 
     bar = tqdm(total=spec.num_steps, initial=start, desc=description, disable=not spec.progress,
@@ -88,6 +92,8 @@ def train_level(spec: LevelSpec, state: training.TrainState, data_key: jax.Array
     for end in [b for b in _boundaries(spec) if b > start]:
         begin = int(state.step)
         indices = data_lib.batch_indices(data_key, num_train, spec.batch_size, begin, end - begin)
+        if spec.mesh is not None:
+            indices = parallel.put(indices, parallel.batch_sharded(spec.mesh, 1))
         tic = time.perf_counter()
         state, train_metrics = spec.train_loop(state, spec.train_images, spec.train_labels, indices)
         train_metrics = {k: float(v) for k, v in train_metrics.items()}  # waits for the chunk

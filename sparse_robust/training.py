@@ -19,6 +19,7 @@ import optax
 
 from sparse_robust import masks as masks_lib
 from sparse_robust import objectives as objectives_lib
+from sparse_robust import parallel
 from sparse_robust import pruning
 
 ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
@@ -109,23 +110,35 @@ def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
 
 
 def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
-                    objective: objectives_lib.Objective, augment=None):
+                    objective: objectives_lib.Objective, augment=None, mesh=None):
     """A jitted ``loop(state, images, labels, indices) -> (state, mean_metrics)``.
 
     ``indices`` is an int array [num_steps, batch] (see ``data.batch_indices``); the batches are
     gathered on device inside a ``lax.scan``, and the metrics are averaged on device, so a chunk
     of steps costs one dispatch and one host transfer. The state's buffers are donated.
+
+    With a ``mesh`` (see :mod:`sparse_robust.parallel`) the batch axis of ``indices`` is split
+    over the devices and everything else is replicated: each device gathers, attacks and
+    differentiates its share of the batch, and XLA all-reduces the gradients.
     """
     train_step = make_train_step(model_fn, tx, objective, augment)
 
     def loop(state, images, labels, indices):
         def body(carry, idx):
-            return train_step(carry, images[idx], labels[idx])
+            x, y = images[idx], labels[idx]
+            if mesh is not None:
+                x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
+                y = jax.lax.with_sharding_constraint(y, parallel.batch_sharded(mesh))
+            return train_step(carry, x, y)
 
         state, metrics = jax.lax.scan(body, state, indices)
         return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
-    return jax.jit(loop, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(loop, donate_argnums=0)
+    rep = parallel.replicated(mesh)
+    return jax.jit(loop, donate_argnums=0, in_shardings=(rep, rep, rep, parallel.batch_sharded(mesh, 1)),
+                   out_shardings=(rep, rep))
 
 
 def _padded_batches(num_examples: int, batch_size: int):
@@ -143,11 +156,12 @@ def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
     return chunk
 
 
-def make_eval_fn(model_fn: ModelFn, attack=None):
+def make_eval_fn(model_fn: ModelFn, attack=None, mesh=None):
     """Jitted per-batch sums of clean (and adversarial) loss and correct predictions.
 
     Returns ``eval_batch(params, model_state, x, y, weight, key) -> dict of sums``; ``weight`` is
-    1 for real examples and 0 for padding, so a last partial batch compiles nothing new.
+    1 for real examples and 0 for padding, so a last partial batch compiles nothing new. With a
+    ``mesh`` the batch is split over its devices.
     """
 
     def eval_batch(params, model_state, x, y, weight, key):
@@ -161,7 +175,14 @@ def make_eval_fn(model_fn: ModelFn, attack=None):
             sums["adv_accuracy"] = jnp.sum(weight * (jnp.argmax(adv_logits, -1) == y))
         return sums
 
-    return jax.jit(eval_batch)
+    if mesh is None:
+        jitted = jax.jit(eval_batch)
+    else:
+        rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+        jitted = jax.jit(eval_batch, in_shardings=(rep, rep, data, data, data, rep),
+                         out_shardings=rep)
+    jitted.num_shards = parallel.num_shards(mesh)
+    return jitted
 
 
 def evaluate(eval_batch, params, model_state, images: np.ndarray, labels: np.ndarray,
@@ -169,7 +190,9 @@ def evaluate(eval_batch, params, model_state, images: np.ndarray, labels: np.nda
     """Mean loss/accuracy (clean, and adversarial when the eval fn has an attack) over a dataset."""
     if len(images) == 0:
         raise ValueError("Cannot evaluate on an empty dataset.")
-    batch_size = min(batch_size, len(images))
+    shards = getattr(eval_batch, "num_shards", 1)
+    # Small sets get one (padded) batch; every batch splits evenly over the devices.
+    batch_size = -(-min(batch_size, len(images)) // shards) * shards
     totals = None
     for i, (start, valid) in enumerate(_padded_batches(len(images), batch_size)):
         weight = (np.arange(batch_size) < valid).astype(np.float32)

@@ -69,5 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
         "strategy": "rewind_init",  # rewind_init | rewind_step | random_reinit | continue | dense_trained
         "rewind_step": 0,          # k for rewind_step
     })
+    config.parallel = ml_collections.ConfigDict({
+        "num_devices": 0,          # data parallel over this many devices; 0 = all, 1 = no sharding
+        "distributed": False,      # multi-host: call jax.distributed.initialize() first
+    })
     config.checkpoint_every = 5_000  # steps; a multiple of eval.every keeps resumes exact
     return config

@@ -1,0 +1,62 @@
+"""Data parallelism over every device the run is given, with ``jax.sharding``.
+
+One mesh axis, ``data``: batches (and the attacks inside the train step, which act per example)
+are split along it; params, masks, optimizer state and the in-memory dataset are replicated.
+The same config runs unchanged on 1 or N devices, local or across hosts; the global batch size
+is the config's and must divide evenly across the devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all hosts)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Split axis ``batch_axis`` over the data axis, replicate the rest."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+
+
+def num_shards(mesh: Optional[Mesh]) -> int:
+    return 1 if mesh is None else mesh.shape[DATA_AXIS]
+
+
+def check_divisible(batch_size: int, mesh: Optional[Mesh], what: str = "batch size") -> None:
+    n = num_shards(mesh)
+    if batch_size % n:
+        raise ValueError(f"The {what} {batch_size} does not divide across {n} devices; choose a "
+                         f"multiple of {n} (e.g. {max(n, batch_size // n * n)}).")
+
+
+def put(tree: Any, sharding: NamedSharding) -> Any:
+    """Place a host or device pytree with ``sharding``; works across hosts too.
+
+    Every host must hold the same global values (our data and indices are pure functions of
+    the seed, so they do).
+    """
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def initialize_distributed(enabled: bool) -> None:
+    """Start the multi-host runtime when asked (one call per process, before any computation)."""
+    if enabled:
+        jax.distributed.initialize()
