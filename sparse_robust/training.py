@@ -110,7 +110,8 @@ def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
 
 
 def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
-                    objective: objectives_lib.Objective, augment=None, mesh=None):
+                    objective: objectives_lib.Objective, augment=None, mesh=None,
+                    vmap_trials: bool = False):
     """A jitted ``loop(state, images, labels, indices) -> (state, mean_metrics)``.
 
     ``indices`` is an int array [num_steps, batch] (see ``data.batch_indices``); the batches are
@@ -120,6 +121,11 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
     With a ``mesh`` (see :mod:`sparse_robust.parallel`) the batch axis of ``indices`` is split
     over the devices and everything else is replicated: each device gathers, attacks and
     differentiates its share of the batch, and XLA all-reduces the gradients.
+
+    With ``vmap_trials`` the loop trains several independent trials at once: every leaf of
+    ``state`` (params, masks, optimizer state, keys) and ``indices`` gain a leading trial axis
+    (see :func:`stack_states`), the dataset is shared, and each trial gets the numbers it would
+    get alone.
     """
     train_step = make_train_step(model_fn, tx, objective, augment)
 
@@ -134,11 +140,24 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
         state, metrics = jax.lax.scan(body, state, indices)
         return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
+    if vmap_trials:
+        loop = jax.vmap(loop, in_axes=(0, None, None, 0))
     if mesh is None:
         return jax.jit(loop, donate_argnums=0)
     rep = parallel.replicated(mesh)
-    return jax.jit(loop, donate_argnums=0, in_shardings=(rep, rep, rep, parallel.batch_sharded(mesh, 1)),
+    indices_sharding = parallel.batch_sharded(mesh, 2 if vmap_trials else 1)
+    return jax.jit(loop, donate_argnums=0, in_shardings=(rep, rep, rep, indices_sharding),
                    out_shardings=(rep, rep))
+
+
+def stack_states(states: list) -> Any:
+    """Stack same-structured pytrees (e.g. one TrainState per trial) along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_states(stacked: Any, num: int) -> list:
+    """Inverse of :func:`stack_states`."""
+    return [jax.tree_util.tree_map(lambda x: x[i], stacked) for i in range(num)]
 
 
 def _padded_batches(num_examples: int, batch_size: int):
