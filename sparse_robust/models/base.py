@@ -1,0 +1,62 @@
+"""Shared pieces of every classifier: common fields, width scaling and input checks."""
+
+import functools
+import numbers
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raises ValueError unless `value` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+class Classifier(nn.Module):
+    """Base of all models: `num_classes` outputs, hidden widths scaled by `width_multiplier`.
+
+    Subclasses implement `__call__(self, x, train: bool = False) -> logits` and name their final
+    `nn.Dense` layer `output` (pruning schedules address it by that name).
+    """
+
+    num_classes: int = 10
+    width_multiplier: float = 1.0
+
+    def __post_init__(self):
+        # Validate at construction so a bad value fails before any parameter is created.
+        check_positive_int("num_classes", self.num_classes)
+        multiplier = self.width_multiplier
+        is_number = isinstance(multiplier, numbers.Real) and not isinstance(multiplier, bool)
+        if not (is_number and multiplier > 0):
+            raise ValueError(f"width_multiplier must be a number > 0, got {multiplier!r}.")
+        super().__post_init__()
+
+    def scaled(self, width: int) -> int:
+        """A hidden width scaled by `width_multiplier`, rounded, and at least 1."""
+        return max(1, round(width * self.width_multiplier))
+
+
+def flatten_batch(x: jnp.ndarray) -> jnp.ndarray:
+    """Flattens every axis but the batch axis: (N, ...) -> (N, D)."""
+    if x.ndim < 2:
+        raise ValueError(f"Expected a batch of shape (N, D) or (N, H, W, C), got shape {x.shape}.")
+    return x.reshape(x.shape[0], -1)
+
+
+def require_images(x: jnp.ndarray, model: str) -> None:
+    """Raises ValueError unless `x` is an NHWC image batch (conv nets cannot use flat inputs)."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"{model} needs NHWC images of shape (N, H, W, C), got an input of shape {x.shape}; "
+            "if the data is flattened, set data.flatten=False."
+        )
+
+
+# Conv layers followed by batch norm (VGG, ResNets): no bias, He-normal kernels.
+conv_before_bn = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal())
+
+
+def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    """Batch norm used by every model: batch statistics when training, running averages otherwise."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)

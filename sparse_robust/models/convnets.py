@@ -1,0 +1,63 @@
+"""Small convolutional classifiers: Conv-2/4/6 (Frankle & Carbin 2019) and LeNet-5."""
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sparse_robust.models.base import Classifier, flatten_batch, require_images
+
+
+def _max_pool(x: jnp.ndarray) -> jnp.ndarray:
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
+class ConvNet(Classifier):
+    """Stages of 3x3 'SAME' ReLU convs, each stage followed by 2x2 max-pooling, then a ReLU MLP.
+
+    `conv_stages` lists the conv widths of each stage; defaults give conv-2. Layers are named
+    `conv_0`, `conv_1`, ... (counting across stages), `dense_0`, `dense_1`, ... and `output`.
+    Kernels use Gaussian Glorot init, as in Frankle & Carbin (2019).
+    """
+
+    conv_stages: Sequence[Sequence[int]] = ((64, 64),)
+    dense_sizes: Sequence[int] = (256, 256)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        del train  # No dropout or batch norm.
+        require_images(x, type(self).__name__)
+        init = nn.initializers.glorot_normal()
+        conv_index = 0
+        for stage in self.conv_stages:
+            for width in stage:
+                conv = nn.Conv(
+                    self.scaled(width), (3, 3), padding="SAME", kernel_init=init, name=f"conv_{conv_index}"
+                )
+                x = nn.relu(conv(x))
+                conv_index += 1
+            x = _max_pool(x)
+        x = flatten_batch(x)
+        for i, width in enumerate(self.dense_sizes):
+            x = nn.relu(nn.Dense(self.scaled(width), kernel_init=init, name=f"dense_{i}")(x))
+        return nn.Dense(self.num_classes, kernel_init=init, name="output")(x)
+
+
+class LeNet5(Classifier):
+    """LeNet-5 with ReLU and max-pooling: conv 6@5x5 (SAME), pool, conv 16@5x5 (VALID), pool,
+    dense 120, 84, output. Glorot-uniform kernels, zero biases.
+    """
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        del train  # No dropout or batch norm.
+        require_images(x, type(self).__name__)
+        init = nn.initializers.glorot_uniform()
+        conv = functools.partial(nn.Conv, kernel_size=(5, 5), kernel_init=init)
+        x = _max_pool(nn.relu(conv(self.scaled(6), padding="SAME", name="conv_0")(x)))
+        x = _max_pool(nn.relu(conv(self.scaled(16), padding="VALID", name="conv_1")(x)))
+        x = flatten_batch(x)
+        x = nn.relu(nn.Dense(self.scaled(120), kernel_init=init, name="dense_0")(x))
+        x = nn.relu(nn.Dense(self.scaled(84), kernel_init=init, name="dense_1")(x))
+        return nn.Dense(self.num_classes, kernel_init=init, name="output")(x)
