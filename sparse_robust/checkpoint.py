@@ -34,6 +34,12 @@ def exists(path: str) -> bool:
     return os.path.isdir(path)
 
 
+def save_if_missing(path: str, tree: Any) -> None:
+    """Save ``tree`` at ``path`` unless a (complete) checkpoint is already there."""
+    if not exists(path):
+        save_pytree(path, tree)
+
+
 class ProgressCheckpointer:
     """Periodic checkpoints of a training run: a pytree (train state and friends) plus JSON.
 

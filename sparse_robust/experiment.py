@@ -64,8 +64,8 @@ class Experiment:
                 model_fn, config_lib.build_attack(config, config.eval.attack), mesh),
             final_attacks={label: config_lib.build_attack(config, label)
                            for label in config_lib.eval_attack_labels(config)},
-            train_images=to_devices(dataset.train_images, mesh),
-            train_labels=to_devices(dataset.train_labels, mesh), mesh=mesh)
+            train_images=parallel.put(dataset.train_images, parallel.replicated(mesh)),
+            train_labels=parallel.put(dataset.train_labels, parallel.replicated(mesh)), mesh=mesh)
 
     def init(self, key: jax.Array) -> tuple[Any, dict]:
         """(params, model_state) of a fresh model."""
@@ -108,11 +108,13 @@ class Experiment:
 
 
 def make_mesh(config):
-    """The data-parallel mesh of ``config.parallel`` (None: a single device, no sharding)."""
+    """The data-parallel mesh of ``config.parallel``.
+
+    Always a mesh, also of one device: fixed input shardings keep every level on one compiled
+    train loop (arguments that arrive committed or not would otherwise compile it anew).
+    """
     par = config.parallel
     parallel.initialize_distributed(par.distributed)
-    if par.num_devices == 1:
-        return None
     devices = jax.devices()
     if par.num_devices > len(devices):
         raise config_lib.ConfigError(
@@ -126,10 +128,6 @@ def make_mesh(config):
         except ValueError as err:
             raise config_lib.ConfigError(str(err)) from None
     return mesh
-
-
-def to_devices(array, mesh):
-    return jnp.asarray(array) if mesh is None else parallel.put(array, parallel.replicated(mesh))
 
 
 def level_record(trial: int, level: int, mask, outcome: level_lib.LevelOutcome,

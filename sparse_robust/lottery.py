@@ -82,8 +82,7 @@ def run_trial(exp, work, trial: int) -> None:
     keys = experiment_lib.trial_keys(cfg.seed, trial)
     init_params, init_state = exp.init(keys["init"])
     trial_dir = work.trial_dir(trial)
-    if not checkpoint_lib.exists(os.path.join(trial_dir, "init_params")):
-        checkpoint_lib.save_pytree(os.path.join(trial_dir, "init_params"), init_params)
+    checkpoint_lib.save_if_missing(os.path.join(trial_dir, "init_params"), init_params)
     rewind_path = os.path.join(trial_dir, "rewind_params")
     snapshot_step = prune_cfg.rewind_step if prune_cfg.strategy == "rewind_step" else None
     rates = config_lib.pruning_rates(cfg)
@@ -113,6 +112,8 @@ def run_trial(exp, work, trial: int) -> None:
             model_state = (previous if prune_cfg.strategy == "continue" else dense_trained)[1]
         start = init_params if level == 0 else reset(prune_cfg.strategy, mask, sources)
         experiment_lib.save_mask(os.path.join(level_dir, "mask.npz"), mask)
+        # The weights this level starts from: the ticket, for rewinding strategies.
+        checkpoint_lib.save_if_missing(os.path.join(level_dir, "start_params"), start)
 
         state = training.create_train_state(start, model_state, exp.optimizer, mask,
                                             jax.random.fold_in(keys["train"], level))
@@ -121,10 +122,9 @@ def run_trial(exp, work, trial: int) -> None:
             jax.random.fold_in(keys["eval"], level), level_dir,
             level_lib.describe(trial, level, mask))
         final_variables = (outcome.state.params, outcome.state.model_state)
-        if not checkpoint_lib.exists(final_path):
-            checkpoint_lib.save_pytree(final_path, final_variables)
-        if level == 0 and snapshot_step and not checkpoint_lib.exists(rewind_path):
-            checkpoint_lib.save_pytree(rewind_path, outcome.snapshot)
+        checkpoint_lib.save_if_missing(final_path, final_variables)
+        if level == 0 and snapshot_step:
+            checkpoint_lib.save_if_missing(rewind_path, outcome.snapshot)
         eval_key = jax.random.fold_in(keys["final_eval"], level)
         final = exp.test_accuracies(*final_variables, eval_key)
         best = exp.test_accuracies(outcome.best_params, outcome.best_model_state, eval_key)
