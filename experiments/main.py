@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from sparse_robust import config as config_lib
@@ -47,6 +48,8 @@ def run(config, workdir: str, overwrite: bool) -> list:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
     except USER_ERRORS as err:

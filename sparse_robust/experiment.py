@@ -7,6 +7,7 @@ compiled train loop and evaluation functions (no recompilation between levels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ class Experiment:
     dataset: data_lib.Dataset
     model: Any
     model_fn: Any
+    apply_fn: Any  # (variables, x) -> logits in eval mode; one object, so evaluation jits once
     optimizer: Any
     objective: Any
     train_loop: Any
@@ -57,7 +59,8 @@ class Experiment:
         objective = config_lib.build_objective(config)
         augment = data_lib.augment_crop_flip if config.train.augment else None
         return cls(
-            config=config, dataset=dataset, model=model, model_fn=model_fn, optimizer=optimizer,
+            config=config, dataset=dataset, model=model, model_fn=model_fn,
+            apply_fn=functools.partial(model.apply, train=False), optimizer=optimizer,
             objective=objective,
             train_loop=training.make_train_loop(model_fn, optimizer, objective, augment, mesh),
             eval_batch=training.make_eval_fn(
@@ -100,9 +103,8 @@ class Experiment:
     def test_accuracies(self, params, model_state, key: jax.Array) -> dict:
         """Clean, per-attack and worst-case accuracy on the whole test set."""
         variables = {"params": params, **model_state}
-        apply_fn = lambda v, x: self.model.apply(v, x, train=False)
         return evaluation.evaluate_robustness(
-            apply_fn, variables, self.dataset.test_images, self.dataset.test_labels,
+            self.apply_fn, variables, self.dataset.test_images, self.dataset.test_labels,
             self.final_attacks, key, batch_size=self.config.eval.batch_size,
             progress=self.config.progress)
 
