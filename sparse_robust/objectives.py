@@ -37,6 +37,19 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def _clean_and_adv_logits(model_fn, params, model_state, x, x_adv):
+    """Train-mode logits of the clean and the adversarial batch, and the new model state."""
+    if not jax.tree_util.tree_leaves(model_state):
+        # Without batch statistics one pass over both halves computes the same logits, faster.
+        logits, new_state = model_fn(params, model_state, jnp.concatenate([x, x_adv]), True)
+        return *jnp.split(logits, 2), new_state
+    # Batch norm must normalise each batch by its own statistics (as TRADES and CleverHans do):
+    # a joint pass would mix clean and adversarial statistics and change the loss.
+    clean_logits, model_state = model_fn(params, model_state, x, True)
+    adv_logits, model_state = model_fn(params, model_state, x_adv, True)
+    return clean_logits, adv_logits, model_state
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A training loss.
@@ -92,9 +105,8 @@ class Objective:
             loss = jnp.mean(cross_entropy(adv_logits, y, self.label_smoothing))
             return loss, (new_state, {"loss": loss, "adv_accuracy": accuracy(adv_logits, y)})
 
-        # One forward pass over clean + adversarial halves: one bigger matmul beats two small ones.
-        logits, new_state = model_fn(params, model_state, jnp.concatenate([x, x_adv]), True)
-        clean_logits, adv_logits = jnp.split(logits, 2)
+        clean_logits, adv_logits, new_state = _clean_and_adv_logits(model_fn, params, model_state,
+                                                                    x, x_adv)
         clean_ce = jnp.mean(cross_entropy(clean_logits, y, self.label_smoothing))
         if self.name == "mixed":
             adv_term = jnp.mean(cross_entropy(adv_logits, y, self.label_smoothing))

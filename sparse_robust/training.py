@@ -79,6 +79,8 @@ def create_train_state(params, model_state, tx: optax.GradientTransformation, ma
     The state owns copies of its inputs: the train loop donates the state's buffers, and the caller
     still needs its params (e.g. to rewind to them), mask and key afterwards.
     """
+    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):  # a jax.random.key(...)
+        key = jax.random.key_data(key)
     params, model_state, mask, key = jax.tree_util.tree_map(
         jnp.array, (params, model_state, mask, jnp.asarray(key, jnp.uint32)))
     params = masks_lib.apply_mask(params, mask)
