@@ -1,0 +1,195 @@
+"""Tests for sparse_robust.evaluation: accounting against direct computations, padded partial
+batches, vmapped ε sweeps, and sanity checks that pass on a real model and flag a broken attack."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from sparse_robust import attacks, evaluation
+from test_attacks import fast_key, make_data, train_mlp
+
+EPS = 0.05
+NUM_TEST = 300
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(apply_fn, variables, images, labels) of a naturally trained tiny MLP."""
+    x, y = make_data(0, 512)
+    model, params = train_mlp(x, y, jax.random.key(0))
+    images, labels = make_data(1, NUM_TEST)
+    return model.apply, params, images, labels
+
+
+# Deterministic attacks (no random start): results cannot depend on how the data are batched.
+DETERMINISTIC = {
+    "fgsm": attacks.make_attack("fgsm", eps=EPS),
+    "pgd": attacks.make_attack("pgd", eps=EPS, step_size=EPS / 4, num_steps=8, random_start=False),
+}
+
+
+def correct_under(apply_fn, variables, images, labels, x_adv):
+    return np.argmax(np.asarray(apply_fn(variables, x_adv)), -1) == labels
+
+
+def test_accuracies_match_direct_computation_and_worst_case_is_per_example(trained):
+    apply_fn, variables, images, labels = trained
+    results = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
+                                             fast_key(0), batch_size=100, progress=False)
+    assert set(results) == {"clean", "fgsm", "pgd", "worst_case"}
+    logits_fn = lambda z: apply_fn(variables, z)
+    clean = correct_under(apply_fn, variables, images, labels, images)
+    fgsm = correct_under(apply_fn, variables, images, labels, attacks.fgsm(logits_fn, images, labels, eps=EPS))
+    pgd = correct_under(apply_fn, variables, images, labels, attacks.pgd(
+        logits_fn, images, labels, None, eps=EPS, step_size=EPS / 4, num_steps=8, random_start=False))
+    assert results["clean"] == pytest.approx(clean.mean())
+    assert results["fgsm"] == pytest.approx(fgsm.mean())
+    assert results["pgd"] == pytest.approx(pgd.mean())
+    assert results["worst_case"] == pytest.approx((clean & fgsm & pgd).mean())
+    assert results["worst_case"] <= min(results.values())
+    assert all(0.0 <= v <= 1.0 and isinstance(v, float) for v in results.values())
+    assert results["pgd"] < results["clean"] - 0.1  # The attacks do something.
+
+
+def test_partial_last_batch_is_padded_masked_and_compiled_once(trained):
+    apply_fn, variables, images, labels = trained
+    divides = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
+                                             fast_key(0), batch_size=100, progress=False)
+    compiled_before = evaluation._batch_correct._cache_size()
+    partial = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
+                                             fast_key(0), batch_size=128, progress=False)
+    assert evaluation._batch_correct._cache_size() == compiled_before + 1  # 128, 128, 44 (+84 pad).
+    assert partial == divides
+    # A batch larger than the data set shrinks to it instead of padding.
+    whole = evaluation.evaluate_robustness(apply_fn, variables, images[:50], labels[:50],
+                                           DETERMINISTIC, fast_key(0), progress=False)
+    first = evaluation.evaluate_robustness(apply_fn, variables, images[:50], labels[:50],
+                                           DETERMINISTIC, fast_key(0), batch_size=128, progress=False)
+    assert whole == first
+
+
+def test_progress_bar_only_when_asked(trained, capsys):
+    apply_fn, variables, images, labels = trained
+    evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC, fast_key(0),
+                                   batch_size=100, progress=False)
+    assert "robust evaluation" not in capsys.readouterr().err
+    evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC, fast_key(0),
+                                   batch_size=100, progress=True)
+    assert "robust evaluation" in capsys.readouterr().err
+
+
+def test_epsilon_sweep_matches_per_eps_attacks(trained):
+    apply_fn, variables, images, labels = trained
+    attack = attacks.make_attack("pgd", eps=0.1, step_size=0.025, num_steps=5)
+    eps_grid = np.array([0.0, 0.02, 0.05, 0.1, 1.0], np.float32)
+    key = fast_key(3)
+    sweep = evaluation.epsilon_sweep(apply_fn, variables, images, labels, attack, eps_grid, key,
+                                     batch_size=NUM_TEST)
+    # Reference: one batch, so its key is fold_in(key, 0); step = (0.025 / 0.1) · ε by default.
+    logits_fn = lambda z: apply_fn(variables, z)
+    run = jax.jit(lambda e: attack(logits_fn, images, labels, jax.random.fold_in(key, 0), eps=e,
+                                   step_size=0.25 * e))
+    expected = [correct_under(apply_fn, variables, images, labels, run(e)).mean() for e in eps_grid]
+    np.testing.assert_allclose(sweep, expected, atol=1.0 / NUM_TEST)
+    assert sweep[0] == pytest.approx(correct_under(apply_fn, variables, images, labels, images).mean())
+    assert sweep[-1] < 0.05
+
+
+def test_epsilon_sweep_partial_batches_and_explicit_ratio(trained):
+    apply_fn, variables, images, labels = trained
+    eps_grid = [0.0, 0.03, 0.06]
+    pgd = DETERMINISTIC["pgd"]
+    full = evaluation.epsilon_sweep(apply_fn, variables, images, labels, pgd, eps_grid, fast_key(0),
+                                    batch_size=NUM_TEST, step_size_ratio=0.5)
+    partial = evaluation.epsilon_sweep(apply_fn, variables, images, labels, pgd, eps_grid, fast_key(0),
+                                       batch_size=128, step_size_ratio=0.5)
+    np.testing.assert_array_equal(full, partial)
+    assert np.all(np.diff(full) <= 0)
+
+
+def test_sanity_checks_pass_on_a_trained_model(trained):
+    apply_fn, variables, images, labels = trained
+    checks = evaluation.run_sanity_checks(apply_fn, variables, images, labels, fast_key(1), eps=EPS,
+                                          num_steps=10, sweep_points=3, batch_size=NUM_TEST)
+    assert [c.name for c in checks] == ["monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
+                                        "apgd_not_weaker_than_pgd", "large_eps_reaches_chance"]
+    assert all(c.passed for c in checks), evaluation.format_checks(checks)
+    assert evaluation.format_checks(checks).count("PASS") == len(checks)
+
+
+def test_sanity_checks_flag_an_identity_attack_posing_as_pgd(trained, caplog):
+    apply_fn, variables, images, labels = trained
+    identity = attacks.make_attack("pgd", eps=EPS, step_size=0.0, num_steps=1, random_start=False)
+    eps_grid = np.array([0.0, EPS / 2, EPS, 1.0])
+    sweep = evaluation.epsilon_sweep(apply_fn, variables, images, labels, identity, eps_grid,
+                                     fast_key(0), batch_size=NUM_TEST)
+    real = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
+                                          fast_key(0), batch_size=100, progress=False)
+    with caplog.at_level(logging.WARNING):
+        checks = evaluation.sanity_checks(
+            clean_accuracy=real["clean"],
+            attack_accuracies={"fgsm": real["fgsm"], "pgd": sweep[2], "apgd": real["pgd"]},
+            eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=NUM_TEST, num_classes=4)
+    failed = {c.name for c in checks if not c.passed}
+    assert failed == {"pgd_not_weaker_than_fgsm", "large_eps_reaches_chance"}
+    report = evaluation.format_checks(checks)
+    assert "FAIL  pgd_not_weaker_than_fgsm" in report and "FAIL  large_eps_reaches_chance" in report
+    assert sum("FAILED" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_sanity_checks_flag_non_monotone_sweep_and_eps0_mismatch():
+    checks = evaluation.sanity_checks(
+        clean_accuracy=0.9, attack_accuracies={"fgsm": 0.5, "pgd": 0.4, "apgd": 0.45},
+        eps_grid=[0.0, 0.1, 0.2, 1.0], sweep_accuracies=[0.8, 0.5, 0.6, 0.2], num_examples=100,
+        num_classes=10)
+    by_name = {c.name: c for c in checks}
+    assert not by_name["monotone_in_eps"].passed and "0.1->0.2" in by_name["monotone_in_eps"].detail
+    assert not by_name["eps0_equals_clean"].passed
+    assert not by_name["apgd_not_weaker_than_pgd"].passed
+    assert not by_name["large_eps_reaches_chance"].passed
+    assert by_name["pgd_not_weaker_than_fgsm"].passed
+    # Within one example of tolerance, nothing fails.
+    checks = evaluation.sanity_checks(
+        clean_accuracy=0.9, attack_accuracies={"fgsm": 0.5, "pgd": 0.51, "apgd": 0.52},
+        eps_grid=[0.0, 0.1, 1.0], sweep_accuracies=[0.91, 0.92, 0.1], num_examples=100, num_classes=10)
+    assert all(c.passed for c in checks), evaluation.format_checks(checks)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(attacks={}), "attacks is empty"),
+    (dict(attacks={"clean": DETERMINISTIC["fgsm"]}), "attacks['clean']"),
+    (dict(attacks={"fgsm": attacks.fgsm}), "attacks['fgsm']"),
+    (dict(labels=np.zeros(3, np.int32)), "labels"),
+    (dict(labels=np.zeros(NUM_TEST, np.float32)), "integers"),
+])
+def test_evaluate_robustness_rejects_bad_input(trained, kwargs, message):
+    apply_fn, variables, images, labels = trained
+
+    def never_called(variables, x):
+        raise AssertionError("apply_fn must not run on invalid input")
+
+    arguments = dict(images=images, labels=labels, attacks=DETERMINISTIC, batch_size=100)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        evaluation.evaluate_robustness(never_called, variables, key=fast_key(0), progress=False,
+                                       **arguments)
+
+
+def test_sweep_and_sanity_inputs_are_validated(trained):
+    apply_fn, variables, images, labels = trained
+    apgd = attacks.make_attack("apgd", eps=0.1, num_steps=3)
+    with pytest.raises(ValueError, match="eps_grid"):
+        evaluation.epsilon_sweep(apply_fn, variables, images, labels, apgd, [0.1, -0.1], fast_key(0))
+    with pytest.raises(ValueError, match="step_size_ratio"):
+        evaluation.epsilon_sweep(apply_fn, variables, images, labels, apgd, [0.1], fast_key(0),
+                                 step_size_ratio=0.25)
+    with pytest.raises(ValueError, match="eps_grid"):
+        evaluation.sanity_checks(clean_accuracy=1.0, attack_accuracies={"fgsm": 1, "pgd": 1, "apgd": 1},
+                                 eps_grid=[0.1, 0.2], sweep_accuracies=[1.0, 1.0], num_examples=10,
+                                 num_classes=2)
+    with pytest.raises(ValueError, match="attacks lacks"):
+        evaluation.run_sanity_checks(apply_fn, variables, images, labels, fast_key(0), eps=0.1,
+                                     attacks={"pgd": apgd})
