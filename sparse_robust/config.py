@@ -7,6 +7,7 @@ so ``--config.train.attack=fgsm`` or ``--config.attacks.pgd.num_steps=40`` are o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -14,6 +15,7 @@ import optax
 
 from sparse_robust import attacks as attacks_lib
 from sparse_robust import data as data_lib
+from sparse_robust import inheritance
 from sparse_robust import models as models_lib
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import pruning
@@ -22,6 +24,11 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 STRATEGIES = ("rewind_init", "rewind_step", "random_reinit", "continue", "dense_trained")
 CRITERIA = ("magnitude", "random")
 EARLY_STOP_METRICS = ("objective", "clean_loss", "adv_loss")
+# Adversarial pruning methods (sparse_robust.methods), in the order they run within a level.
+METHODS = ("lottery", "inherit", "reinit", "random", "hydra", "inverse_inheritance",
+           "scratch_large")
+RANDOM_MASK_STARTS = ("reinit", "dense_trained")
+INHERITANCE_SOURCES = ("lottery", "hydra")
 # Fields that change how a run is shown or where it finds data, not what it computes:
 # they may differ when a workdir is resumed.
 NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download", "parallel.num_devices",
@@ -72,6 +79,19 @@ def eval_attack_labels(config) -> list[str]:
     return labels
 
 
+def method_names(config) -> list[str]:
+    """``config.methods`` (comma-separated) as a list."""
+    return [s.strip() for s in config.methods.split(",") if s.strip()]
+
+
+def target_sparsities(config) -> list[float]:
+    """``config.sparsities`` (comma-separated fractions of pruned weights) as floats."""
+    try:
+        return [float(s) for s in config.sparsities.split(",") if s.strip()]
+    except ValueError:
+        _fail("sparsities", config.sparsities, "expected comma-separated numbers, e.g. '0.9,0.95'")
+
+
 def pruning_rates(config):
     """``config.prune.rates`` as the pruning module takes it: a float or {layer or '*': rate}."""
     if config.prune.scope == "global":
@@ -109,6 +129,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "eval.every")
     _positive_int(config, "eval.batch_size")
     _positive_int(config, "eval.num_examples", allow_zero=True)
+    _positive_int(config, "eval.sanity_examples", allow_zero=True)
     _positive_int(config, "checkpoint_every")
     _positive_int(config, "parallel.num_devices", allow_zero=True)
     if not isinstance(_get(config, "parallel.distributed"), bool):
@@ -142,6 +163,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.prune rates: {err}") from None
 
 
+def _number(config, field: str, minimum: float = -math.inf) -> None:
+    value = _get(config, field)
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < minimum):
+        _fail(field, value, "expected a finite number"
+              + (f" >= {minimum}" if minimum > -math.inf else ""))
+
+
+def _choice(config, field: str, allowed) -> None:
+    if _get(config, field) not in allowed:
+        _fail(field, _get(config, field), f"choose one of {tuple(allowed)}")
+
+
+def validate_adversarial_pruning(config: ml_collections.ConfigDict) -> None:
+    """:func:`validate`, plus the fields of the adversarial-pruning comparison (methods.py)."""
+    validate(config)
+    _get(config, "methods"), _get(config, "sparsities")  # present, or a clear error
+    methods = method_names(config)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        _fail("methods", config.methods, f"name each of {METHODS} at most once, comma-separated")
+    sparsities = target_sparsities(config)
+    increasing = sorted(set(sparsities)) == sparsities
+    if not sparsities or not increasing or any(not 0 < s < 1 for s in sparsities):
+        _fail("sparsities", config.sparsities,
+              "expected increasing fractions of pruned weights in (0, 1), e.g. '0.9,0.95,0.99'")
+    _positive_int(config, "lottery.rounds")
+    for phase in ("retrain", "hydra"):
+        _positive_int(config, f"{phase}.num_steps", allow_zero=True)  # 0: train.num_steps
+        _number(config, f"{phase}.learning_rate", 0.0)                # 0: train.learning_rate
+    _choice(config, "random_mask.start", RANDOM_MASK_STARTS)
+    _choice(config, "inheritance.source", INHERITANCE_SOURCES)
+    _number(config, "inheritance.width_multiplier", 1.0)
+    _choice(config, "inheritance.fill", inheritance.FILLS)
+    _number(config, "inheritance.fill_scale")
+    _choice(config, "inheritance.trainable", inheritance.TRAINABLE)
+    _positive_int(config, "diagnostics.num_examples", allow_zero=True)  # 0: no diagnostics
+    _positive_int(config, "diagnostics.num_iters")
+
+
 def build_objective(config) -> objectives_lib.Objective:
     train = config.train
     attack = None if train.objective == "natural" else build_attack(config, train.attack)
@@ -153,14 +214,16 @@ def build_objective(config) -> objectives_lib.Objective:
         raise ConfigError(f"config.train: {err}") from None
 
 
-def build_optimizer(config) -> optax.GradientTransformation:
+def build_optimizer(config, learning_rate: float | None = None) -> optax.GradientTransformation:
+    """``config.train``'s optimizer, optionally with another learning rate (e.g. fine-tuning)."""
     train = config.train
+    lr = train.learning_rate if learning_rate is None else learning_rate
     if train.optimizer == "adam":
-        return optax.adam(train.learning_rate)
+        return optax.adam(lr)
     if train.optimizer == "adamw":
-        return optax.adamw(train.learning_rate, weight_decay=train.weight_decay)
+        return optax.adamw(lr, weight_decay=train.weight_decay)
     return optax.chain(optax.add_decayed_weights(train.weight_decay),
-                       optax.sgd(train.learning_rate, momentum=train.momentum))
+                       optax.sgd(lr, momentum=train.momentum))
 
 
 def build_model(config, num_classes: int, width_multiplier: float | None = None):

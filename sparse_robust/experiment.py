@@ -109,6 +109,20 @@ class Experiment:
             progress=self.config.progress)
 
 
+    def sanity_checks(self, params, model_state, key: jax.Array) -> dict | None:
+        """Gradient-masking checks (see ``evaluation.run_sanity_checks``) on a test-set prefix,
+        at the ε of ``config.eval.attack``; None when ``config.eval.sanity_examples`` is 0."""
+        n = self.config.eval.sanity_examples
+        if not n:
+            return None
+        settings = config_lib.attack_settings(self.config, self.config.eval.attack)
+        checks = evaluation.run_sanity_checks(
+            self.apply_fn, {"params": params, **model_state}, self.dataset.test_images[:n],
+            self.dataset.test_labels[:n], key, eps=settings["eps"],
+            norm=settings.get("norm", "linf"), batch_size=min(n, self.config.eval.batch_size))
+        return {c.name: {"passed": bool(c.passed), "detail": c.detail} for c in checks}
+
+
 def make_mesh(config):
     """The data-parallel mesh of ``config.parallel``.
 

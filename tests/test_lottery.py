@@ -39,6 +39,7 @@ def tiny_config(**overrides):
     config.eval.num_examples = 0
     config.eval.batch_size = 60
     config.eval.attacks = "fgsm"
+    config.eval.sanity_examples = 0
     config.checkpoint_every = 10
     config.prune.levels = 2
     config.parallel.num_devices = 1
@@ -122,7 +123,8 @@ def test_each_strategy_starts_where_it_promises(tmp_path, dataset, strategy):
 
 
 def test_masks_shrink_and_summary_has_design_fields(tmp_path, dataset):
-    records = lottery.run(tiny_config(), str(tmp_path), dataset=dataset)
+    records = lottery.run(tiny_config(**{"eval.sanity_examples": 60}), str(tmp_path),
+                          dataset=dataset)
     assert [r["level"] for r in records] == [0, 1, 2]
     remaining = [r["weights_remaining"] for r in records]
     assert remaining[0] == 1.0 and remaining[0] > remaining[1] > remaining[2]
@@ -130,6 +132,10 @@ def test_masks_shrink_and_summary_has_design_fields(tmp_path, dataset):
         assert 0 <= record["clean_accuracy"] <= 1
         assert set(record["robust_accuracy"]) == {"fgsm", "worst_case"}
         assert record["early_stop_step"] in (10, 20)
+        assert set(record["sanity_checks"]) == {
+            "monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
+            "apgd_not_weaker_than_pgd", "large_eps_reaches_chance"}
+        assert record["sanity_checks"]["eps0_equals_clean"]["passed"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert strip_timing(summary) == strip_timing(records)
     loaded = [dict(np.load(tmp_path / "trial_0" / f"level_{l:02d}" / "mask.npz")) for l in range(3)]
