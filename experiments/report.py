@@ -2,8 +2,9 @@ r"""Tables and plots from experiment workdirs.
 
   python -m experiments.report WORKDIR [WORKDIR ...] [--out DIR]
 
-prints the paper-style table (test accuracy per sparsity level, mean ± std over trials) and writes
-into DIR (default: the first WORKDIR/report) table.md, table.tex and PNG plots: adversarial test
+prints the paper-style table (test accuracy per sparsity level, mean ± std over trials; for
+method comparisons also the methods × sparsity table and inverse inheritance vs from scratch) and
+writes into DIR (default: the first WORKDIR/report) table.md, table.tex and PNG plots: adversarial test
 accuracy during training, accuracy and early-stopping step vs weights remaining, distributions of
 the surviving weights, and robust accuracy vs the diagnostics when the records carry them.
 
@@ -49,7 +50,8 @@ class Run:
 
 
 def load_run(workdir: str, label: Optional[str] = None) -> Run:
-    """Read WORKDIR/summary.json and config.json; label defaults to the pruning strategy."""
+    """Read WORKDIR/summary.json and config.json; label defaults to the pruning strategy (the
+    directory name for a comparison of methods)."""
     summary_path = os.path.join(workdir, "summary.json")
     records = _read_json(summary_path) if os.path.exists(summary_path) else None
     if not records:
@@ -57,8 +59,10 @@ def load_run(workdir: str, label: Optional[str] = None) -> Run:
                                 "or empty); run the experiment first.")
     config_path = os.path.join(workdir, "config.json")
     config = _read_json(config_path) if os.path.exists(config_path) else {}
-    if label is None:
-        label = config.get("prune", {}).get("strategy") or _dir_name(workdir)
+    if label is None:  # a lottery run by its strategy; a methods comparison by its directory
+        strategy = config.get("prune", {}).get("strategy")
+        label = (strategy if config.get("experiment", "lottery") == "lottery" else None) \
+            or _dir_name(workdir)
     return Run(workdir=os.path.abspath(workdir), label=label, config=config, records=records)
 
 
@@ -206,6 +210,117 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
         blocks.append(rows)
     what = "at the early-stopping step" if accuracy == "early_stop" else "of the final weights"
     caption = f"Test accuracy (%) {what}; mean ± std (ddof=1) over trials."
+    if fmt == "markdown":
+        return _markdown(caption, header, blocks)
+    return _latex(caption, header, blocks)
+
+
+# Row order of the methods table: the dense network, then sparsity_robust.methods' order.
+METHOD_ORDER = ("dense", "lottery", "inherit", "reinit", "random", "hydra", "inverse_inheritance",
+                "scratch_large")
+
+
+def _method_rank(method: str) -> tuple:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _level_label(level: int, records: Sequence[dict]) -> str:
+    """"dense" for level 0, else the level's target sparsity (or weights remaining)."""
+    if level == 0:
+        return "dense"
+    targets = [r["target_sparsity"] for r in records if r.get("target_sparsity") is not None]
+    if targets:
+        return f"{100 * np.mean(targets):g}% sparse"
+    return f"{_remaining_percent(records):.1f}% left"
+
+
+def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
+                  accuracy: str = "final") -> str:
+    """Methods as rows, sparsity levels as columns, each cell "clean / robust" test accuracy (%)
+    with robust = the worst case over the evaluation attacks (mean ± std over trials).
+
+    Only records with a "method" field count; "" when there are none. For inverse inheritance
+    the column is the sparsity of the inherited small network (the large network is dense).
+    """
+    _check_choice("fmt", fmt, FORMATS)
+    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    runs = _as_runs(runs)
+    getters = _accuracy_getters(accuracy, [WORST_CASE])
+    show_run = len(runs) > 1
+    blocks, columns = [], {}
+    for run in runs:
+        records = [r for r in run.records if "method" in r]
+        for level in sorted({r["level"] for r in records}):
+            columns.setdefault(level, _level_label(level, [r for r in records
+                                                           if r["level"] == level]))
+    if not columns:
+        return ""
+    for run in runs:
+        groups = {}
+        for method, level, records in _level_groups([r for r in run.records if "method" in r]):
+            groups.setdefault(method, {})[level] = records
+        rows = []
+        for method in sorted(groups, key=_method_rank):
+            row = ([run.label] if show_run else []) + [method]
+            for level in columns:
+                records = groups[method].get(level)
+                row.append(_MISSING[fmt] if not records else " / ".join(
+                    _cell([g(r) for r in records], 100, 1, fmt) for g in getters.values()))
+            rows.append(row)
+        blocks.append(rows)
+    header = (["Run"] if show_run else []) + ["Method"] + list(columns.values())
+    what = "at the early-stopping step" if accuracy == "early_stop" else "of the final weights"
+    caption = (f"Clean / robust test accuracy (%) {what} by method and sparsity (robust: worst case "
+               "over the evaluation attacks); inverse_inheritance: the dense large network that "
+               "inherited that level's sparse network.")
+    if fmt == "markdown":
+        return _markdown(caption, header, blocks)
+    return _latex(caption, header, blocks)
+
+
+def inverse_inheritance_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
+                              accuracy: str = "final") -> str:
+    """The large network trained from scratch vs inheriting each level's sparse network: clean,
+    per-attack and worst-case accuracy (%), and the worst-case gain over from-scratch (points).
+    "" when no run has both "scratch_large" and "inverse_inheritance" records."""
+    _check_choice("fmt", fmt, FORMATS)
+    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    runs = _as_runs(runs)
+    attacks = _resolve_attacks(runs, None, accuracy)
+    getters = _accuracy_getters(accuracy, attacks)
+    worst = getters.get(WORST_CASE)
+    show_run = len(runs) > 1
+    blocks = []
+    for run in runs:
+        scratch = [r for r in run.records if r.get("method") == "scratch_large"]
+        inverse = [r for r in run.records if r.get("method") == "inverse_inheritance"]
+        if not (scratch and inverse):
+            continue
+        rows = [(["from scratch"], scratch)]
+        for level in sorted({r["level"] for r in inverse}):
+            records = [r for r in inverse if r["level"] == level]
+            sparsity = _level_label(level, records)
+            rows.append(([f"inherits {records[0].get('source', '?')} ({sparsity})"], records))
+        baseline = np.mean([worst(r) for r in scratch]) if worst else None
+        block = []
+        for name, records in rows:
+            row = ([run.label] if show_run else []) + name
+            row += [_cell([g(r) for r in records], 100, 2, fmt) for g in getters.values()]
+            gain = (100 * (np.mean([worst(r) for r in records]) - baseline)
+                    if worst and records is not scratch else None)
+            row.append(_MISSING[fmt] if gain is None else f"{gain:+.2f}")
+            block.append(row)
+        blocks.append(block)
+    if not blocks:
+        return ""
+    widths = sorted({r.get("width_multiplier", 1.0) for run in runs for r in run.records
+                     if r.get("method") == "scratch_large"})
+    header = (["Run"] if show_run else []) + ["Large network", "Clean"]
+    header += ["Worst case" if a == WORST_CASE else a for a in attacks] + ["Gain (worst case)"]
+    caption = (f"Inverse weights inheritance: the large network (width x"
+               f"{'/'.join(map(str, widths))}) adversarially trained from scratch vs after "
+               "inheriting a sparse network; test accuracy (%), mean ± std over trials; gain in "
+               "points over from scratch.")
     if fmt == "markdown":
         return _markdown(caption, header, blocks)
     return _latex(caption, header, blocks)
@@ -521,9 +636,10 @@ def write_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     runs = load_runs(workdirs)
     out_dir = out_dir or os.path.join(runs[0].workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
-    markdown = paper_table(runs, "markdown", accuracy=accuracy)
-    for name, text in (("table.md", markdown),
-                       ("table.tex", paper_table(runs, "latex", accuracy=accuracy))):
+    tables = (paper_table, methods_table, inverse_inheritance_table)
+    markdown, latex = ("\n".join(t for t in (table(runs, fmt, accuracy=accuracy) for table in tables)
+                                 if t) for fmt in FORMATS)
+    for name, text in (("table.md", markdown), ("table.tex", latex)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(text)
     plot_learning_curves(runs, out_dir)

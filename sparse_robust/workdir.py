@@ -6,6 +6,7 @@ Layout::
   WORKDIR/summary.json                one record per finished (trial, level)
   WORKDIR/trial_T/...                 per-trial artefacts (θ0, rewind point)
   WORKDIR/trial_T/level_LL/           mask.npz, progress/ (checkpoints), metrics.jsonl, result.json
+  WORKDIR/trial_T/METHOD/level_LL/    the same, for runs comparing several methods per level
 
 A level is finished exactly when its result.json exists; every JSON file is written atomically
 (temporary file + rename), so a kill never leaves a half-written record.
@@ -98,33 +99,43 @@ class Workdir:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def level_dir(self, trial: int, level: int) -> str:
-        path = os.path.join(self.trial_dir(trial), f"level_{level:02d}")
+    def level_dir(self, trial: int, level: int, method: str | None = None) -> str:
+        """trial_T/level_LL, or trial_T/METHOD/level_LL when a method is given."""
+        parts = [self.trial_dir(trial)] + ([method] if method else []) + [f"level_{level:02d}"]
+        path = os.path.join(*parts)
         os.makedirs(path, exist_ok=True)
         return path
 
-    def result_path(self, trial: int, level: int) -> str:
-        return os.path.join(self.level_dir(trial, level), "result.json")
+    def result_path(self, trial: int, level: int, method: str | None = None) -> str:
+        return os.path.join(self.level_dir(trial, level, method), "result.json")
 
-    def result(self, trial: int, level: int) -> dict | None:
-        path = self.result_path(trial, level)
+    def result(self, trial: int, level: int, method: str | None = None) -> dict | None:
+        path = self.result_path(trial, level, method)
         return read_json(path) if os.path.exists(path) else None
 
-    def write_result(self, trial: int, level: int, record: dict) -> None:
-        write_json(self.result_path(trial, level), record)
+    def write_result(self, trial: int, level: int, record: dict,
+                     method: str | None = None) -> None:
+        write_json(self.result_path(trial, level, method), record)
         self.write_summary()
 
     def records(self) -> list[dict]:
-        """All finished (trial, level) records, sorted."""
+        """All finished records (trial_T/level_LL and trial_T/METHOD/level_LL), sorted."""
         out = []
         for name in sorted(os.listdir(self.path)):
             trial_path = os.path.join(self.path, name)
             if not (name.startswith("trial_") and os.path.isdir(trial_path)):
                 continue
-            for level_name in sorted(os.listdir(trial_path)):
-                path = os.path.join(trial_path, level_name, "result.json")
-                if os.path.exists(path):
-                    out.append(read_json(path))
+            for entry in sorted(os.listdir(trial_path)):
+                entry_path = os.path.join(trial_path, entry)
+                if entry.startswith("level_"):
+                    level_paths = [entry_path]
+                elif os.path.isdir(entry_path):  # a method's folder
+                    level_paths = [os.path.join(entry_path, n)
+                                   for n in sorted(os.listdir(entry_path)) if n.startswith("level_")]
+                else:
+                    continue
+                out += [read_json(os.path.join(p, "result.json")) for p in level_paths
+                        if os.path.exists(os.path.join(p, "result.json"))]
         return sorted(out, key=lambda r: (r["trial"], r.get("method", ""), r["level"]))
 
     def write_summary(self) -> None:
