@@ -626,6 +626,24 @@ def plot_diagnostics(runs: Union[Run, Sequence[Run]], out_dir: str,
     return _save(fig, out_dir, "diagnostics.png")
 
 
+# ----------------------------------------------------------------------------- sanity checks
+
+def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:
+    """A markdown list of the gradient-masking checks that failed (``sanity_checks`` in the
+    records), one line per run, method, level and trial; "" when none failed."""
+    lines = []
+    for name, _, _, records in _series(_as_runs(runs)):
+        for record in records:
+            for check, outcome in sorted((record.get("sanity_checks") or {}).items()):
+                if not outcome["passed"]:
+                    lines.append(f"- {name}, level {record['level']}, trial {record.get('trial', 0)}: "
+                                 f"**{check}**: {outcome['detail']}")
+    if not lines:
+        return ""
+    return ("Sanity checks FAILED (evaluation.sanity_checks; robustness numbers they concern are "
+            "suspect):\n\n" + "\n".join(lines) + "\n")
+
+
 # ----------------------------------------------------------------------------- report and CLI
 
 def write_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
@@ -639,6 +657,8 @@ def write_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     tables = (paper_table, methods_table, inverse_inheritance_table)
     markdown, latex = ("\n".join(t for t in (table(runs, fmt, accuracy=accuracy) for table in tables)
                                  if t) for fmt in FORMATS)
+    failures = failed_sanity_checks(runs)
+    markdown += f"\n{failures}" if failures else ""
     for name, text in (("table.md", markdown), ("table.tex", latex)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(text)

@@ -195,20 +195,26 @@ def format_checks(checks: Sequence[Check]) -> str:
 
 def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, float], eps_grid,
                   sweep_accuracies, num_examples: int, num_classes: int,
-                  tolerance_examples: int = 1, chance_slack: float = 0.05) -> list[Check]:
+                  tolerance_examples: int = 1, chance_slack: float = 0.05,
+                  loss_gap_slack: float = 0.05) -> list[Check]:
     """Checks that robustness numbers are plausible; failures are logged as warnings.
 
     Args:
       clean_accuracy: accuracy on clean data.
-      attack_accuracies: accuracies under "fgsm", "pgd" and "apgd" at the same ε.
+      attack_accuracies: accuracies under "fgsm", "pgd" and "apgd" (cross-entropy) at the same ε,
+        and optionally "apgd_dlr" (APGD on the scale-invariant DLR loss).
       eps_grid, sweep_accuracies: an ε sweep (ascending, starting at 0); its largest ε should be
         large enough for any input to reach any other (e.g. 1 for L∞ on [0, 1] data).
       num_examples: examples behind each accuracy; the tolerance is tolerance_examples of them.
       num_classes: chance accuracy is 1 / num_classes.
       chance_slack: how far above chance the largest-ε accuracy may be.
+      loss_gap_slack: how far APGD-DLR may fall below PGD before the losses are said to disagree.
 
     Checks: the sweep is non-increasing in ε; at ε = 0 it equals the clean accuracy; PGD is no
-    weaker than FGSM; APGD no weaker than PGD; the largest ε drives accuracy to chance.
+    weaker than FGSM; APGD (the stronger of its losses) no weaker than PGD; the largest ε drives
+    accuracy to chance; and, with "apgd_dlr", the cross-entropy PGD is within loss_gap_slack of
+    APGD-DLR. A larger gap means cross-entropy gradients vanish on saturated logits (Croce & Hein
+    2020): the cross-entropy attacks overestimate robustness and only DLR-based numbers hold.
     """
     missing = sorted({"fgsm", "pgd", "apgd"} - set(attack_accuracies))
     if missing:
@@ -220,7 +226,10 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
                          f"{sweep.shape}); allowed values: >= 2 increasing values starting at 0, one "
                          "accuracy each.")
     tol = tolerance_examples / num_examples + 1e-9  # Accuracies are ratios; allow float rounding.
-    fgsm, pgd, apgd = (attack_accuracies[name] for name in ("fgsm", "pgd", "apgd"))
+    fgsm, pgd, apgd_ce = (attack_accuracies[name] for name in ("fgsm", "pgd", "apgd"))
+    dlr = attack_accuracies.get("apgd_dlr")
+    apgd = apgd_ce if dlr is None else min(apgd_ce, dlr)
+    apgd_detail = f"apgd {apgd_ce:.4f}" + ("" if dlr is None else f", apgd_dlr {dlr:.4f}")
 
     rises = [(float(eps_grid[i]), float(eps_grid[i + 1]), float(sweep[i]), float(sweep[i + 1]))
              for i in range(len(sweep) - 1) if sweep[i + 1] > sweep[i] + tol]
@@ -232,25 +241,36 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
         Check("eps0_equals_clean", abs(sweep[0] - clean_accuracy) <= tol,
               f"accuracy at ε=0 {sweep[0]:.4f} vs clean {clean_accuracy:.4f}"),
         Check("pgd_not_weaker_than_fgsm", pgd <= fgsm + tol, f"pgd {pgd:.4f} vs fgsm {fgsm:.4f}"),
-        Check("apgd_not_weaker_than_pgd", apgd <= pgd + tol, f"apgd {apgd:.4f} vs pgd {pgd:.4f}"),
+        Check("apgd_not_weaker_than_pgd", apgd <= pgd + tol, f"{apgd_detail} vs pgd {pgd:.4f}"),
         Check("large_eps_reaches_chance", sweep[-1] <= chance + chance_slack,
               f"accuracy at ε={eps_grid[-1]:g} is {sweep[-1]:.4f}; chance {chance:.4f} "
               f"+ slack {chance_slack:g}"),
     ]
+    if dlr is not None:
+        checks.append(Check(
+            "ce_and_dlr_agree", pgd - dlr <= loss_gap_slack,
+            f"pgd (cross-entropy) {pgd:.4f} vs apgd_dlr {dlr:.4f}; gap {pgd - dlr:+.4f}, slack "
+            f"{loss_gap_slack:g}" + ("" if pgd - dlr <= loss_gap_slack else
+                                      " (cross-entropy attacks overestimate robustness here)")))
     for check in checks:
         if not check.passed:
             logging.warning("Robustness sanity check FAILED: %s: %s", check.name, check.detail)
     return checks
 
 
-def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20) -> dict[str, Attack]:
-    """FGSM, PGD (step 2.5·ε / num_steps, Madry et al.) and APGD-CE at `eps`, for sanity checks."""
-    return {
+def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
+                   num_classes: int = 10) -> dict[str, Attack]:
+    """FGSM, PGD (step 2.5·ε / num_steps, Madry et al.), APGD-CE and, with >= 3 classes (which
+    the DLR loss needs), APGD-DLR at `eps`, for sanity checks."""
+    attacks = {
         "fgsm": make_attack("fgsm", eps=eps, norm=norm),
         "pgd": make_attack("pgd", eps=eps, step_size=2.5 * eps / num_steps, num_steps=num_steps,
                            norm=norm),
         "apgd": make_attack("apgd", eps=eps, num_steps=num_steps, norm=norm),
     }
+    if num_classes >= 3:
+        attacks["apgd_dlr"] = make_attack("apgd", eps=eps, num_steps=num_steps, norm=norm, loss="dlr")
+    return attacks
 
 
 def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps: float,
@@ -258,10 +278,11 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
                       attacks: Optional[Mapping[str, Attack]] = None, sweep_points: int = 5,
                       large_eps: Optional[float] = None, batch_size: int = 1000,
                       tolerance_examples: int = 1, chance_slack: float = 0.05,
-                      progress: bool = False) -> list[Check]:
+                      loss_gap_slack: float = 0.05, progress: bool = False) -> list[Check]:
     """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep, then runs `sanity_checks` on the results.
 
-    `attacks` (keys "fgsm", "pgd", "apgd") defaults to `sanity_attacks(eps, norm, num_steps)`; the
+    `attacks` (keys "fgsm", "pgd", "apgd", optionally "apgd_dlr") defaults to
+    `sanity_attacks(eps, norm, num_steps, num_classes)`; the
     sweep uses attacks["pgd"] at `sweep_points` values of ε in [0, eps] plus `large_eps` (default:
     the box's width for L∞, its diagonal for L2, enough to reach any input from any other).
     The PGD step scales with ε in the sweep.
@@ -273,7 +294,9 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
     if isinstance(sweep_points, bool) or not isinstance(sweep_points, int) or sweep_points < 2:
         raise ValueError(f"sweep_points={sweep_points!r} is invalid; allowed values: integers >= 2.")
     images, labels = _check_data(images, labels, batch_size)
-    attacks = dict(sanity_attacks(eps, norm, num_steps) if attacks is None else attacks)
+    num_classes = jax.eval_shape(lambda z: apply_fn(variables, z), images[:1]).shape[-1]
+    attacks = dict(sanity_attacks(eps, norm, num_steps, num_classes) if attacks is None
+                   else attacks)
     missing = sorted({"fgsm", "pgd", "apgd"} - set(attacks))
     if missing:
         raise ValueError(f"attacks lacks {missing}; it needs 'fgsm', 'pgd' and 'apgd'.")
@@ -290,8 +313,7 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
     eps_grid = np.append(np.linspace(0.0, eps, sweep_points), large_eps)
     sweep = epsilon_sweep(apply_fn, variables, images, labels, attacks["pgd"], eps_grid, sweep_key,
                           batch_size=batch_size)
-    num_classes = jax.eval_shape(lambda z: apply_fn(variables, z), images[:1]).shape[-1]
     return sanity_checks(clean_accuracy=results["clean"], attack_accuracies=results,
                          eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
                          num_classes=num_classes, tolerance_examples=tolerance_examples,
-                         chance_slack=chance_slack)
+                         chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)

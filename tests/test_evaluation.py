@@ -114,9 +114,31 @@ def test_sanity_checks_pass_on_a_trained_model(trained):
     checks = evaluation.run_sanity_checks(apply_fn, variables, images, labels, fast_key(1), eps=EPS,
                                           num_steps=10, sweep_points=3, batch_size=NUM_TEST)
     assert [c.name for c in checks] == ["monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
-                                        "apgd_not_weaker_than_pgd", "large_eps_reaches_chance"]
+                                        "apgd_not_weaker_than_pgd", "large_eps_reaches_chance",
+                                        "ce_and_dlr_agree"]
     assert all(c.passed for c in checks), evaluation.format_checks(checks)
     assert evaluation.format_checks(checks).count("PASS") == len(checks)
+
+
+def test_sanity_checks_flag_saturated_logits_that_hide_from_cross_entropy(trained, caplog):
+    """Scaling the logits by 1e4 changes no prediction, but rounds the softmax to one-hot in float32
+    so cross-entropy gradients vanish (gradient masking); the scale-invariant DLR loss still finds
+    the same adversarial examples, so only the loss-agreement check can catch it."""
+    apply_fn, variables, images, labels = trained
+    saturated = lambda v, z: 1e4 * apply_fn(v, z)
+    run = lambda fn: evaluation.run_sanity_checks(fn, variables, images, labels, fast_key(1), eps=EPS,
+                                                  num_steps=10, sweep_points=3, batch_size=NUM_TEST)
+    honest = {c.name: c for c in run(apply_fn)}
+    with caplog.at_level(logging.WARNING):
+        masked = {c.name: c for c in run(saturated)}
+    assert honest["ce_and_dlr_agree"].passed
+    assert not masked["ce_and_dlr_agree"].passed
+    assert "overestimate" in masked["ce_and_dlr_agree"].detail
+    assert any("ce_and_dlr_agree" in r.getMessage() for r in caplog.records)
+    # DLR is scale-invariant: the same key gives the same accuracy as on the honest model.
+    accuracy = lambda check: float(check.detail.split("apgd_dlr ")[1].split(";")[0])
+    assert accuracy(masked["ce_and_dlr_agree"]) == pytest.approx(accuracy(honest["ce_and_dlr_agree"]),
+                                                                abs=2 / NUM_TEST)
 
 
 def test_sanity_checks_flag_an_identity_attack_posing_as_pgd(trained, caplog):
@@ -155,6 +177,21 @@ def test_sanity_checks_flag_non_monotone_sweep_and_eps0_mismatch():
         clean_accuracy=0.9, attack_accuracies={"fgsm": 0.5, "pgd": 0.51, "apgd": 0.52},
         eps_grid=[0.0, 0.1, 1.0], sweep_accuracies=[0.91, 0.92, 0.1], num_examples=100, num_classes=10)
     assert all(c.passed for c in checks), evaluation.format_checks(checks)
+
+
+@pytest.mark.parametrize("dlr,apgd_passes,agree_passes", [
+    (0.50, True, True),    # APGD-CE is weaker than PGD, but APGD-DLR is as strong: the stronger counts.
+    (0.44, True, False),   # DLR finds 6 points more than cross-entropy PGD: more than the 5-point slack.
+    (0.55, False, True),   # Both APGD losses weaker than PGD.
+])
+def test_apgd_checks_use_the_stronger_loss_and_flag_a_loss_gap(dlr, apgd_passes, agree_passes):
+    checks = evaluation.sanity_checks(
+        clean_accuracy=0.9, attack_accuracies={"fgsm": 0.6, "pgd": 0.5, "apgd": 0.55, "apgd_dlr": dlr},
+        eps_grid=[0.0, 0.1, 1.0], sweep_accuracies=[0.9, 0.5, 0.1], num_examples=100, num_classes=10)
+    by_name = {c.name: c for c in checks}
+    assert by_name["apgd_not_weaker_than_pgd"].passed == apgd_passes
+    assert by_name["ce_and_dlr_agree"].passed == agree_passes
+    assert f"apgd_dlr {dlr:.4f}" in by_name["apgd_not_weaker_than_pgd"].detail
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -134,7 +134,7 @@ def test_masks_shrink_and_summary_has_design_fields(tmp_path, dataset):
         assert record["early_stop_step"] in (10, 20)
         assert set(record["sanity_checks"]) == {
             "monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
-            "apgd_not_weaker_than_pgd", "large_eps_reaches_chance"}
+            "apgd_not_weaker_than_pgd", "large_eps_reaches_chance", "ce_and_dlr_agree"}
         assert record["sanity_checks"]["eps0_equals_clean"]["passed"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert strip_timing(summary) == strip_timing(records)

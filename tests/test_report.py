@@ -246,6 +246,25 @@ def test_cli_writes_tables_and_plots_into_first_workdir(workdirs, capsys):
     assert all(is_png(os.path.join(out, n)) for n in pngs)
 
 
+def test_failed_sanity_checks_are_listed_and_passed_ones_are_not(tmp_path, capsys):
+    numbers = known_numbers(0)
+    checks = lambda passed: {"eps0_equals_clean": {"passed": True, "detail": "ok"},
+                             "ce_and_dlr_agree": {"passed": passed, "detail": f"gap {passed}"}}
+    records = [record(numbers, t, lvl, sanity_checks=checks(passed=(t, lvl) != (1, 2)))
+               for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
+    clean = str(tmp_path / "clean")
+    write_workdir(clean, numbers, checkpoints=False,
+                  records=[record(numbers, 0, lvl, sanity_checks=checks(True)) for lvl in range(3)])
+    assert report.failed_sanity_checks(report.load_run(clean)) == ""
+    flagged = str(tmp_path / "flagged")
+    write_workdir(flagged, numbers, checkpoints=False, records=records)
+    assert report.main([flagged]) == 0
+    printed = capsys.readouterr().out
+    listed = [line for line in printed.splitlines() if line.startswith("- ")]
+    assert listed == ["- rewind_init, level 2, trial 1: **ce_and_dlr_agree**: gap False"]
+    assert "Sanity checks FAILED" in printed
+
+
 def test_plot_functions_return_written_pngs(workdirs, tmp_path):
     (a, b), _ = workdirs
     runs = report.load_runs([a, b])

@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
         "attacks": "fgsm,pgd",     # attacks of the final test evaluation, comma-separated labels
         "early_stop_metric": "objective",  # lowest validation value of: objective | clean_loss | adv_loss
         # Gradient-masking checks on this many test images after each level (0 = off):
-        # monotone in ε, ε=0 equals clean, PGD ≤ FGSM, APGD ≤ PGD, large ε reaches chance.
+        # monotone in ε, ε=0 equals clean, PGD ≤ FGSM, APGD ≤ PGD, large ε reaches chance,
+        # cross-entropy PGD within 5 points of APGD-DLR (no saturated-logit masking).
         "sanity_examples": 500,
     })
     config.prune = ml_collections.ConfigDict({
