@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_robust import masks
+from sparse_robust.models.base import check_positive_int
 
 NORMS = ("linf", "l2")
 # Dual norm of the gradient that bounds a first-order change of the margin under each attack norm.
@@ -28,11 +29,6 @@ _UNUSED_INIT = nn.initializers.zeros
 def _check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not supported; allowed values: {NORMS}.")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1.")
 
 
 def _capture_linear_layers(model: nn.Module, variables, input_shape) -> dict[str, tuple]:
@@ -101,7 +97,7 @@ def spectral_norms(model: nn.Module, variables, input_shape, key: jax.Array,
 
     Returns: {'/'-joined module path: norm}.
     """
-    _check_positive_int("num_iters", num_iters)
+    check_positive_int("num_iters", num_iters)
     layers = _capture_linear_layers(model, variables, input_shape)
     keys = jax.random.split(key, len(layers))
     norms = {}
@@ -169,7 +165,7 @@ def weight_histograms(params, mask=None, bins: int = 50) -> dict[str, dict[str, 
     None). Layer names are '/'-joined module paths. Returns {layer: {"counts": [int],
     "edges": [float], "remaining_fraction": float}}; edges span the surviving weights' range.
     """
-    _check_positive_int("bins", bins)
+    check_positive_int("bins", bins)
     if mask is None:
         mask = masks.create_mask(params)
     else:
@@ -212,7 +208,7 @@ def compute_diagnostics(model: nn.Module, variables, mask, images: jax.Array, la
     "margin_adversarial_mean" (None without adversarial_images), "weight_histograms"}.
     """
     _check_norm(norm)
-    _check_positive_int("num_iters", num_iters)
+    check_positive_int("num_iters", num_iters)
     if images.ndim < 2 or labels.shape != images.shape[:1]:
         raise ValueError(
             f"images must be [B, ...] and labels [B]; got images.shape={images.shape}, "

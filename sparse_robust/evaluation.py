@@ -20,6 +20,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sparse_robust.attacks import NORMS, Attack, make_attack
+from sparse_robust.training import pad_batch
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -44,15 +45,11 @@ def _check_data(images, labels, batch_size) -> tuple[np.ndarray, np.ndarray]:
 
 def _padded_batches(images, labels, batch_size) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Yields (images, labels, num_valid) batches of exactly min(batch_size, N) rows; the last one
-    is padded by repeating its first row, and only its first num_valid rows count."""
+    is padded (see `training.pad_batch`), and only its first num_valid rows count."""
     size = min(batch_size, len(images))
     for start in range(0, len(images), size):
-        x, y = images[start:start + size], labels[start:start + size]
-        valid = len(x)
-        if valid < size:
-            x = np.concatenate([x, np.repeat(x[:1], size - valid, axis=0)])
-            y = np.concatenate([y, np.repeat(y[:1], size - valid, axis=0)])
-        yield x, y, valid
+        yield (pad_batch(images, start, size), pad_batch(labels, start, size),
+               min(size, len(images) - start))
 
 
 def _num_batches(num_examples: int, batch_size: int) -> int:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 def check_positive_int(name: str, value) -> None:
     """Raises ValueError unless `value` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        raise ValueError(f"{name}={value!r} is invalid; allowed values: integers >= 1.")
 
 
 class Classifier(nn.Module):
