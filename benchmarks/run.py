@@ -30,16 +30,28 @@ from benchmarks.flops import matmul_flops
 from sparse_robust import attacks, checkpoint, data, lottery, masks, models, objectives, training
 
 PGD10 = dict(name="pgd", eps=0.3, step_size=0.05, num_steps=10, label_source="predicted")
+FGSM = dict(name="fgsm", eps=0.3, label_source="predicted")
+
+# The Cosentino et al. objectives: clean only, and the 50/50 mix with FGSM or PGD-10 (ε = 0.3).
+OBJECTIVES = {
+    "natural": lambda: objectives.Objective("natural", label_smoothing=0.1),
+    "FGSM mixed": lambda: objectives.Objective("mixed", attacks.make_attack(**FGSM),
+                                               label_smoothing=0.1),
+    "PGD-10 mixed": lambda: objectives.Objective("mixed", attacks.make_attack(**PGD10),
+                                                 label_smoothing=0.1),
+}
 
 
-def setup(model_name: str, batch: int, steps: int, seed: int = 0, image_shape=(28, 28, 1)):
-    """A model, a PGD-10 mixed-objective train loop, a state and index chunk, on random data."""
+def setup(model_name: str, batch: int, steps: int, seed: int = 0, image_shape=(28, 28, 1),
+          objective: str = "PGD-10 mixed"):
+    """A model, a train loop's parts (`objective` from OBJECTIVES), a state and index chunk, on
+    random data."""
     rng = np.random.default_rng(seed)
     images = rng.random((max(4 * batch, 2048),) + image_shape, dtype=np.float32)
     labels = rng.integers(0, 10, len(images)).astype(np.int32)
     model = models.get_model(model_name)
     model_fn = training.make_model_fn(model)
-    objective = objectives.Objective("mixed", attacks.make_attack(**PGD10), label_smoothing=0.1)
+    objective = OBJECTIVES[objective]()
     tx = optax.adam(1.2e-3)
     params, model_state = training.init_variables(model, jax.random.PRNGKey(seed), images[:1])
     mask = masks.create_mask(params)
@@ -63,16 +75,39 @@ def time_loop(loop, state, images, labels, indices, repeats: int = 3) -> tuple[f
     return best, state
 
 
-def train_throughput(model_name, batch, steps, matmul, repeats=3):
-    s = setup(model_name, batch, steps)
+def train_throughput(model_name, batch, steps, matmul, repeats=3, objective="PGD-10 mixed",
+                     scan=True):
+    """Steps/s of the scanned train loop, or of the per-step one (``scan=False``); FLOPs and
+    memory are the scanned program's (the same steps)."""
+    s = setup(model_name, batch, steps, objective=objective)
     loop = training.make_train_loop(s["model_fn"], s["tx"], s["objective"])
-    flops = matmul_flops(loop, s["state"], s["images"], s["labels"], s["indices"])
-    memory = loop.lower(s["state"], s["images"], s["labels"], s["indices"]).compile().memory_analysis()
-    seconds, _ = time_loop(loop, s["state"], s["images"], s["labels"], s["indices"], repeats)
-    return {"what": f"train PGD-10 mixed, {model_name}, batch {batch}",
-            "steps/s": steps / seconds, "images/s": steps * batch / seconds,
+    args = (s["state"], s["images"], s["labels"], s["indices"])
+    flops = matmul_flops(loop, *args)
+    memory = loop.lower(*args).compile().memory_analysis() if scan else None
+    if not scan:
+        loop = training.make_train_loop(s["model_fn"], s["tx"], s["objective"], scan=False)
+    seconds, _ = time_loop(loop, *args, repeats)
+    return {"what": f"train {objective}, {model_name}, batch {batch}" + ("" if scan else ", per step"),
+            "steps/s": steps / seconds, "ms/step": 1e3 * seconds / steps,
+            "images/s": steps * batch / seconds,
             "GFLOP/step": flops / steps / 1e9, "FLOP ratio": flops / seconds / matmul,
             "temp MiB": memory.temp_size_in_bytes / 2**20 if memory else float("nan")}
+
+
+def conv_grad_in_loop() -> list[dict]:
+    """The XLA:CPU pitfall behind ``make_train_loop(scan=False)``: the weight gradient of one
+    3x3 convolution (conv-4's second layer, batch 60), at the top level and inside a lax.scan."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (60, 28, 28, 64))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 64))
+    conv = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    grad = jax.grad(lambda w: jnp.sum(conv(w) ** 2))
+    in_scan = lambda w: jax.lax.scan(lambda c, _: (c - 1e-6 * grad(c), None), w, None, length=1)[0]
+    top = common.time_fn(jax.jit(grad), w, repeats=3)
+    looped = common.time_fn(jax.jit(in_scan), w, repeats=3)
+    return [{"what": "conv weight gradient, top level", "seconds": top},
+            {"what": "conv weight gradient, inside lax.scan", "seconds": looped,
+             "slowdown": looped / top}]
 
 
 def eval_throughput(matmul, batch=1000):
@@ -184,10 +219,17 @@ def main():
     print(f"matmul reference: {matmul / 1e9:.1f} GFLOP/s (2048x2048 float32, best of 5)\n")
     rows = [train_throughput("dense-300-100", 60, steps, matmul),
             train_throughput("dense-300-100", 512, steps, matmul),
-            # XLA:CPU convolutions are slow (see benchmarks/README.md): one step, timed once.
+            train_throughput("dense-300-100", 60, steps, matmul, objective="natural"),
+            train_throughput("dense-300-100", 60, steps, matmul, objective="FGSM mixed"),
+            # XLA:CPU computes conv weight gradients ~7x slower inside a loop (lax.scan) than
+            # outside (benchmarks/README.md): scanned, one step timed once; then per step.
             train_throughput("conv-4", 60, 1, matmul, repeats=1),
+            train_throughput("conv-4", 60, 2, matmul, repeats=1, scan=False),
             eval_throughput(matmul)]
-    common.print_rows(rows, ["what", "steps/s", "images/s", "GFLOP/step", "FLOP ratio", "temp MiB"])
+    common.print_rows(rows, ["what", "steps/s", "ms/step", "images/s", "GFLOP/step", "FLOP ratio",
+                             "temp MiB"])
+    print()
+    common.print_rows(conv_grad_in_loop(), ["what", "seconds", "slowdown"])
     print()
     common.print_rows(level_overhead(1 / rows[0]["steps/s"]),
                       ["what", "seconds", "level seconds", "overhead %"])

@@ -21,6 +21,7 @@ from sparse_robust import objectives as objectives_lib
 from sparse_robust import pruning
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+TRAIN_LOOPS = ("auto", "scan", "per_step")  # see experiment.uses_scan
 STRATEGIES = ("rewind_init", "rewind_step", "random_reinit", "continue", "dense_trained")
 CRITERIA = ("magnitude", "random")
 EARLY_STOP_METRICS = ("objective", "clean_loss", "adv_loss")
@@ -122,6 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("train.learning_rate", train.learning_rate, "must be > 0")
     _positive_int(config, "train.batch_size")
     _positive_int(config, "train.num_steps")
+    _choice(config, "train.loop", TRAIN_LOOPS)
     if train.objective not in objectives_lib.OBJECTIVES:
         _fail("train.objective", train.objective, f"choose one of {objectives_lib.OBJECTIVES}")
     build_objective(config)

@@ -46,6 +46,7 @@ class Experiment:
     train_images: Any
     train_labels: Any
     mesh: Any
+    scan: bool  # lax.scan over steps, or one jitted call per step (see uses_scan)
 
     @classmethod
     def build(cls, config, dataset: data_lib.Dataset | None = None,
@@ -57,18 +58,23 @@ class Experiment:
         model_fn = training.make_model_fn(model)
         optimizer = config_lib.build_optimizer(config)
         objective = config_lib.build_objective(config)
-        augment = data_lib.augment_crop_flip if config.train.augment else None
+        scan = uses_scan(config, model, dataset.train_images[:1])
         return cls(
             config=config, dataset=dataset, model=model, model_fn=model_fn,
             apply_fn=functools.partial(model.apply, train=False), optimizer=optimizer,
             objective=objective,
-            train_loop=training.make_train_loop(model_fn, optimizer, objective, augment, mesh),
+            train_loop=_train_loop(config, model_fn, optimizer, objective, mesh, scan),
             eval_batch=training.make_eval_fn(
                 model_fn, config_lib.build_attack(config, config.eval.attack), mesh),
             final_attacks={label: config_lib.build_attack(config, label)
                            for label in config_lib.eval_attack_labels(config)},
             train_images=parallel.put(dataset.train_images, parallel.replicated(mesh)),
-            train_labels=parallel.put(dataset.train_labels, parallel.replicated(mesh)), mesh=mesh)
+            train_labels=parallel.put(dataset.train_labels, parallel.replicated(mesh)), mesh=mesh,
+            scan=scan)
+
+    def make_train_loop(self, model_fn, tx):
+        """A train loop like ``self.train_loop`` for another model function or optimizer."""
+        return _train_loop(self.config, model_fn, tx, self.objective, self.mesh, self.scan)
 
     def init(self, key: jax.Array) -> tuple[Any, dict]:
         """(params, model_state) of a fresh model."""
@@ -121,6 +127,19 @@ class Experiment:
             self.dataset.test_labels[:n], key, eps=settings["eps"],
             norm=settings.get("norm", "linf"), batch_size=min(n, self.config.eval.batch_size))
         return {c.name: {"passed": bool(c.passed), "detail": c.detail} for c in checks}
+
+
+def _train_loop(config, model_fn, tx, objective, mesh, scan: bool):
+    augment = data_lib.augment_crop_flip if config.train.augment else None
+    return training.make_train_loop(model_fn, tx, objective, augment, mesh, scan=scan)
+
+
+def uses_scan(config, model, sample_input) -> bool:
+    """``config.train.loop``: "scan", "per_step", or "auto", which steps one by one for
+    convolutional networks on CPU (see ``training.make_train_loop``)."""
+    if config.train.loop != "auto":
+        return config.train.loop == "scan"
+    return not (jax.default_backend() == "cpu" and training.uses_convolutions(model, sample_input))
 
 
 def make_mesh(config):

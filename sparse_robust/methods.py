@@ -37,7 +37,6 @@ import numpy as np
 
 from sparse_robust import checkpoint as checkpoint_lib
 from sparse_robust import config as config_lib
-from sparse_robust import data as data_lib
 from sparse_robust import diagnostics as diagnostics_lib
 from sparse_robust import experiment as experiment_lib
 from sparse_robust import hydra
@@ -93,7 +92,6 @@ def unit_key(key: jax.Array, method: str, level: int) -> jax.Array:
 class _Shared:
     exp: experiment_lib.Experiment              # the (small) network of the config
     large: experiment_lib.Experiment            # the inverse-inheritance network (may be exp)
-    augment: Any
     norm: str                                   # of the evaluation attack, for diagnostics
     loops: dict = dataclasses.field(default_factory=dict)
     adversarial: dict = dataclasses.field(default_factory=dict)
@@ -106,9 +104,7 @@ class _Shared:
         large = (experiment_lib.Experiment.build(cfg, exp.dataset, width_multiplier=width)
                  if needs_large and cfg.inheritance.width_multiplier != 1.0 else exp)
         attack = config_lib.build_attack(cfg, cfg.eval.attack)
-        return cls(exp=exp, large=large,
-                   augment=data_lib.augment_crop_flip if cfg.train.augment else None,
-                   norm=dict(attack.options).get("norm", "linf"))
+        return cls(exp=exp, large=large, norm=dict(attack.options).get("norm", "linf"))
 
     def optimizer(self, exp, phase: Optional[str]) -> tuple[Any, int]:
         """(optimizer, steps) of a phase: "retrain", "hydra" or None (the train schedule)."""
@@ -125,8 +121,7 @@ class _Shared:
             return exp.train_loop, tx, steps
         key = (id(exp), phase)
         if key not in self.loops:
-            self.loops[key] = training.make_train_loop(exp.model_fn, tx, exp.objective,
-                                                       self.augment, exp.mesh)
+            self.loops[key] = exp.make_train_loop(exp.model_fn, tx)
         return self.loops[key], tx, steps
 
     def adversarial_images(self, exp, variables, images, labels, key):
@@ -268,8 +263,7 @@ class _Trial:
             attack = config_lib.build_attack(self.cfg, self.cfg.eval.attack)
             spec = dataclasses.replace(
                 self.exp.level_spec(), num_steps=steps,
-                train_loop=training.make_train_loop(score_fn, tx, self.exp.objective,
-                                                    self.shared.augment, self.exp.mesh),
+                train_loop=self.exp.make_train_loop(score_fn, tx),
                 eval_batch=training.make_eval_fn(score_fn, attack, self.exp.mesh))
             score_key = lambda name: unit_key(jax.random.fold_in(self.keys[name], 1), "hydra",
                                               level)

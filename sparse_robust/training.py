@@ -113,12 +113,17 @@ def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
 
 def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
                     objective: objectives_lib.Objective, augment=None, mesh=None,
-                    vmap_trials: bool = False):
+                    vmap_trials: bool = False, scan: bool = True):
     """A jitted ``loop(state, images, labels, indices) -> (state, mean_metrics)``.
 
     ``indices`` is an int array [num_steps, batch] (see ``data.batch_indices``); the batches are
     gathered on device inside a ``lax.scan``, and the metrics are averaged on device, so a chunk
     of steps costs one dispatch and one host transfer. The state's buffers are donated.
+
+    With ``scan=False`` each step is its own jitted call, dispatched from Python, with the same
+    results. Use it for convolutional networks on CPU: XLA:CPU computes convolution weight
+    gradients several times slower inside a loop than at the top level of a program (7x for
+    conv-4, see benchmarks/README.md), while one dispatch costs well under a millisecond.
 
     With a ``mesh`` (see :mod:`sparse_robust.parallel`) the batch axis of ``indices`` is split
     over the devices and everything else is replicated: each device gathers, attacks and
@@ -131,25 +136,56 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
     """
     train_step = make_train_step(model_fn, tx, objective, augment)
 
-    def loop(state, images, labels, indices):
-        def body(carry, idx):
-            x, y = images[idx], labels[idx]
-            if mesh is not None:
-                x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
-                y = jax.lax.with_sharding_constraint(y, parallel.batch_sharded(mesh))
-            return train_step(carry, x, y)
+    def gather_and_step(state, images, labels, idx):
+        x, y = images[idx], labels[idx]
+        if mesh is not None:
+            x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
+            y = jax.lax.with_sharding_constraint(y, parallel.batch_sharded(mesh))
+        return train_step(state, x, y)
 
+    def loop(state, images, labels, indices):
+        body = lambda carry, idx: gather_and_step(carry, images, labels, idx)
         state, metrics = jax.lax.scan(body, state, indices)
         return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
+    fn = loop if scan else gather_and_step
     if vmap_trials:
-        loop = jax.vmap(loop, in_axes=(0, None, None, 0))
+        fn = jax.vmap(fn, in_axes=(0, None, None, 0))
     if mesh is None:
-        return jax.jit(loop, donate_argnums=0)
-    rep = parallel.replicated(mesh)
-    indices_sharding = parallel.batch_sharded(mesh, 2 if vmap_trials else 1)
-    return jax.jit(loop, donate_argnums=0, in_shardings=(rep, rep, rep, indices_sharding),
-                   out_shardings=(rep, rep))
+        jitted = jax.jit(fn, donate_argnums=0)
+    else:
+        rep = parallel.replicated(mesh)
+        batch_axis = int(scan) + int(vmap_trials)  # of indices: [trials,] [steps,] batch
+        jitted = jax.jit(fn, donate_argnums=0, out_shardings=(rep, rep),
+                         in_shardings=(rep, rep, rep, parallel.batch_sharded(mesh, batch_axis)))
+    return jitted if scan else _SteppedLoop(jitted, vmap_trials)
+
+
+class _SteppedLoop:
+    """The loop of ``make_train_loop(scan=False)``: one jitted call per step."""
+
+    def __init__(self, step, vmap_trials: bool):
+        self._step, self._step_axis = step, int(vmap_trials)
+
+    def __call__(self, state, images, labels, indices):
+        indices = np.asarray(indices)  # slices go to the step's own input sharding
+        step_metrics = []
+        for i in range(indices.shape[self._step_axis]):
+            state, metrics = self._step(state, images, labels,
+                                        np.take(indices, i, axis=self._step_axis))
+            step_metrics.append(metrics)
+        return state, jax.tree_util.tree_map(lambda *m: jnp.mean(jnp.stack(m), axis=0),
+                                             *step_metrics)
+
+    def _cache_size(self) -> int:
+        return self._step._cache_size()
+
+
+def uses_convolutions(model: nn.Module, sample_input) -> bool:
+    """Whether any param of `model` is a convolution kernel (more than 2 dimensions)."""
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                            jnp.asarray(sample_input))
+    return any(leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(shapes.get("params", {})))
 
 
 def stack_states(states: list) -> Any:

@@ -201,15 +201,26 @@ def test_different_config_in_workdir_is_refused_and_nothing_changes(tmp_path, da
     assert len(lottery.run(tiny_config(), str(tmp_path), overwrite=True, dataset=dataset)) == 3
 
 
-def test_bad_config_fails_before_the_workdir_is_touched(tmp_path, dataset):
-    with pytest.raises(config_lib.ConfigError, match="prune.strategy"):
-        lottery.run(tiny_config(**{"prune.strategy": "rewind"}), str(tmp_path / "w"),
-                    dataset=dataset)
+@pytest.mark.parametrize("field,value", [("prune.strategy", "rewind"), ("train.loop", "python")])
+def test_bad_config_fails_before_the_workdir_is_touched(tmp_path, dataset, field, value):
+    with pytest.raises(config_lib.ConfigError, match=field):
+        lottery.run(tiny_config(**{field: value}), str(tmp_path / "w"), dataset=dataset)
     assert not (tmp_path / "w").exists()
 
 
-def test_levels_reuse_one_compiled_train_loop(tmp_path, dataset):
-    config = tiny_config()
+@pytest.mark.parametrize("loop,model,expected", [
+    ("auto", "lenet-300-100", True), ("auto", "conv-2", False),  # JAX runs on the CPU in tests
+    ("scan", "conv-2", True), ("per_step", "lenet-300-100", False)])
+def test_train_loop_choice(loop, model, expected):
+    from sparse_robust import models
+    config = tiny_config(**{"train.loop": loop})
+    sample = np.zeros((1, 8, 8, 1) if model == "conv-2" else (1, 64), np.float32)
+    assert experiment_lib.uses_scan(config, models.get_model(model), sample) == expected
+
+
+@pytest.mark.parametrize("loop", ["scan", "per_step"])
+def test_levels_reuse_one_compiled_train_loop(tmp_path, dataset, loop):
+    config = tiny_config(**{"train.loop": loop})
     exp = experiment_lib.Experiment.build(config, dataset)
     work = workdir_lib.Workdir(str(tmp_path))
     work.claim(config_lib.result_fields(config))

@@ -32,10 +32,11 @@ SCRIPT = textwrap.dedent("""
     mask = masks.create_mask(params)
     indices = data.batch_indices(jax.random.PRNGKey(2), ds.num_train, 32, 0, 6)
     out = {"devices": jax.device_count()}
-    for n in (1, 8):
+    for name, n, scan in (("1", 1, True), ("8", 8, True), ("8_per_step", 8, False)):
         mesh = parallel.make_mesh(jax.devices()[:n])
         rep = parallel.replicated(mesh)
-        loop = training.make_train_loop(model_fn, optax.adam(1e-2), objective, None, mesh)
+        loop = training.make_train_loop(model_fn, optax.adam(1e-2), objective, None, mesh,
+                                        scan=scan)
         state = training.create_train_state(params, model_state, optax.adam(1e-2), mask,
                                             jax.random.PRNGKey(1))
         state, _ = loop(parallel.put(state, rep), parallel.put(ds.train_images, rep),
@@ -45,7 +46,7 @@ SCRIPT = textwrap.dedent("""
         eval_fn = training.make_eval_fn(model_fn, None, mesh)
         clean = training.evaluate(eval_fn, state.params, state.model_state, ds.test_images,
                                   ds.test_labels, jax.random.PRNGKey(3), 40)
-        out[n] = {"params": {k: np.asarray(v).tolist() for k, v in
+        out[name] = {"params": {k: np.asarray(v).tolist() for k, v in
                              masks.mask_leaves(state.params).items()},
                   "num_devices": len(state.params["output"]["kernel"].sharding.device_set),
                   "state_replicated": replicated, "accuracy": clean["accuracy"]}
@@ -74,6 +75,8 @@ def test_eight_devices_train_like_one(eight_device_run):
     # differences into a different step for a rare pixel, hence the 2e-4 (weights are ~0.1).
     for name, one in run["1"]["params"].items():
         np.testing.assert_allclose(run["8"]["params"][name], one, atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(run["8_per_step"]["params"][name], one, atol=2e-4, rtol=1e-3)
+    assert run["8_per_step"]["num_devices"] == 8 and run["8_per_step"]["state_replicated"]
     # Training moved the params: the comparison is not between two untouched inits.
     assert run["1"]["accuracy"] > 0.3
 

@@ -222,3 +222,45 @@ def test_loop_does_not_retrace_for_a_new_mask(setup):
         pruned = ~np.asarray(sparse.mask["output"]["kernel"])
         assert pruned.any() and np.all(np.asarray(sparse.params["output"]["kernel"])[pruned] == 0)
     assert len(setup["traces"]) == traced
+
+
+def test_per_step_loop_equals_scanned_loop_and_compiles_once(setup):
+    images, labels = setup["data"]
+    per_step = training.make_train_loop(setup["model_fn"], setup["tx"], setup["objective"],
+                                        scan=False)
+    indices = batch_indices(3, STEPS, BATCH)
+    scanned, scanned_metrics = setup["loop"](new_state(setup), images, labels, indices)
+    stepped, stepped_metrics = per_step(new_state(setup), images, labels, indices)
+    assert int(stepped.step) == int(scanned.step) == STEPS
+    for a, b in zip(leaves(stepped.params) + leaves(stepped.opt_state),
+                    leaves(scanned.params) + leaves(scanned.opt_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert set(stepped_metrics) == set(scanned_metrics)
+    for name, value in scanned_metrics.items():
+        assert float(stepped_metrics[name]) == pytest.approx(float(value), rel=1e-5)
+    per_step(stepped, images, labels, batch_indices(4, STEPS + 2, BATCH))  # more steps, same program
+    assert per_step._cache_size() == 1
+
+
+def test_per_step_loop_trains_vmapped_trials_like_scan(setup):
+    images, labels = setup["data"]
+    make = lambda scan: training.make_train_loop(setup["model_fn"], setup["tx"], setup["objective"],
+                                                 vmap_trials=True, scan=scan)
+    stack = lambda: training.stack_states([new_state(setup, init_seed=s, key_seed=s) for s in (0, 1)])
+    indices = jnp.stack([batch_indices(5, STEPS, BATCH), batch_indices(6, STEPS, BATCH)])
+    scanned, scanned_metrics = make(True)(stack(), images, labels, indices)
+    stepped, stepped_metrics = make(False)(stack(), images, labels, indices)
+    for a, b in zip(leaves(stepped.params), leaves(scanned.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for name, value in scanned_metrics.items():
+        assert stepped_metrics[name].shape == (2,)
+        np.testing.assert_allclose(stepped_metrics[name], value, rtol=1e-5)
+    assert not np.allclose(stepped.params["output"]["kernel"][0], stepped.params["output"]["kernel"][1])
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("dense-300-100", (1, 784), False), ("lenet-300-100", (1, 784), False),
+    ("conv-2", (1, 28, 28, 1), True), ("lenet-5", (1, 28, 28, 1), True)])
+def test_uses_convolutions(name, shape, expected):
+    from sparse_robust import models
+    assert training.uses_convolutions(models.get_model(name), np.zeros(shape, np.float32)) == expected

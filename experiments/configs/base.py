@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
         "trades_beta": 6.0,
         "attack": "fgsm",          # a label from config.attacks
         "augment": False,          # random crop + flip (image datasets)
+        "loop": "auto",            # scan | per_step | auto: per_step for conv nets on CPU, else scan
     })
     config.eval = ml_collections.ConfigDict({
         "every": 1_000,            # steps between validation/test measurements
