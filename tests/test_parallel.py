@@ -50,6 +50,15 @@ SCRIPT = textwrap.dedent("""
                              masks.mask_leaves(state.params).items()},
                   "num_devices": len(state.params["output"]["kernel"].sharding.device_set),
                   "state_replicated": replicated, "accuracy": clean["accuracy"]}
+        if name == "1":
+            reference = jax.device_get((state.params, state.model_state))
+    # The same weights evaluated clean and under PGD on 1 and on 8 devices.
+    for n in (1, 8):
+        mesh = parallel.make_mesh(jax.devices()[:n])
+        eval_fn = training.make_eval_fn(model_fn, attack, mesh)
+        params, model_state = parallel.put(reference, parallel.replicated(mesh))
+        out[f"eval_{n}"] = training.evaluate(eval_fn, params, model_state, ds.test_images,
+                                             ds.test_labels, jax.random.PRNGKey(3), 40)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -82,7 +91,11 @@ def test_eight_devices_train_like_one(eight_device_run):
 
 
 def test_eight_devices_evaluate_identically(eight_device_run):
-    assert eight_device_run["8"]["accuracy"] == eight_device_run["1"]["accuracy"]
+    one, eight = eight_device_run["eval_1"], eight_device_run["eval_8"]
+    assert set(one) == {"loss", "accuracy", "adv_loss", "adv_accuracy"}
+    assert eight["accuracy"] == one["accuracy"] and eight["adv_accuracy"] == one["adv_accuracy"]
+    assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert one["adv_accuracy"] < one["accuracy"]  # the attack did something
 
 
 def test_batch_that_does_not_divide_is_a_config_error(monkeypatch):
