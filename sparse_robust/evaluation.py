@@ -20,7 +20,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sparse_robust.attacks import NORMS, Attack, make_attack
-from sparse_robust.training import pad_batch
+from sparse_robust.training import batch_spans, pad_batch
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -47,9 +47,8 @@ def _padded_batches(images, labels, batch_size) -> Iterator[tuple[np.ndarray, np
     """Yields (images, labels, num_valid) batches of exactly min(batch_size, N) rows; the last one
     is padded (see `training.pad_batch`), and only its first num_valid rows count."""
     size = min(batch_size, len(images))
-    for start in range(0, len(images), size):
-        yield (pad_batch(images, start, size), pad_batch(labels, start, size),
-               min(size, len(images) - start))
+    for start, valid in batch_spans(len(images), size):
+        yield pad_batch(images, start, size), pad_batch(labels, start, size), valid
 
 
 def _num_batches(num_examples: int, batch_size: int) -> int:
@@ -190,6 +189,12 @@ def format_checks(checks: Sequence[Check]) -> str:
     return "\n".join(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in checks)
 
 
+def _require_sanity_attacks(name: str, mapping: Mapping) -> None:
+    missing = sorted({"fgsm", "pgd", "apgd"} - set(mapping))
+    if missing:
+        raise ValueError(f"{name} lacks {missing}; it needs 'fgsm', 'pgd' and 'apgd'.")
+
+
 def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, float], eps_grid,
                   sweep_accuracies, num_examples: int, num_classes: int,
                   tolerance_examples: int = 1, chance_slack: float = 0.05,
@@ -213,9 +218,7 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
     APGD-DLR. A larger gap means cross-entropy gradients vanish on saturated logits (Croce & Hein
     2020): the cross-entropy attacks overestimate robustness and only DLR-based numbers hold.
     """
-    missing = sorted({"fgsm", "pgd", "apgd"} - set(attack_accuracies))
-    if missing:
-        raise ValueError(f"attack_accuracies lacks {missing}; it needs 'fgsm', 'pgd' and 'apgd'.")
+    _require_sanity_attacks("attack_accuracies", attack_accuracies)
     eps_grid, sweep = np.asarray(eps_grid, np.float64), np.asarray(sweep_accuracies, np.float64)
     if eps_grid.ndim != 1 or eps_grid.shape != sweep.shape or eps_grid.size < 2 or eps_grid[0] != 0 \
             or np.any(np.diff(eps_grid) <= 0):
@@ -294,9 +297,7 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
     num_classes = jax.eval_shape(lambda z: apply_fn(variables, z), images[:1]).shape[-1]
     attacks = dict(sanity_attacks(eps, norm, num_steps, num_classes) if attacks is None
                    else attacks)
-    missing = sorted({"fgsm", "pgd", "apgd"} - set(attacks))
-    if missing:
-        raise ValueError(f"attacks lacks {missing}; it needs 'fgsm', 'pgd' and 'apgd'.")
+    _require_sanity_attacks("attacks", attacks)
     if large_eps is None:
         pgd_options = dict(attacks["pgd"].options)
         width = pgd_options["clip_max"] - pgd_options["clip_min"]

@@ -198,8 +198,9 @@ def unstack_states(stacked: Any, num: int) -> list:
     return [jax.tree_util.tree_map(lambda x: x[i], stacked) for i in range(num)]
 
 
-def _padded_batches(num_examples: int, batch_size: int):
-    """(start, valid) pairs covering [0, num_examples) in fixed-size batches."""
+def batch_spans(num_examples: int, batch_size: int):
+    """(start, valid) pairs covering [0, num_examples) in batches of batch_size rows, the last
+    one holding `valid` real rows (pad it with `pad_batch`)."""
     for start in range(0, num_examples, batch_size):
         yield start, min(batch_size, num_examples - start)
 
@@ -251,7 +252,7 @@ def evaluate(eval_batch, params, model_state, images: np.ndarray, labels: np.nda
     # Small sets get one (padded) batch; every batch splits evenly over the devices.
     batch_size = -(-min(batch_size, len(images)) // shards) * shards
     totals = None
-    for i, (start, valid) in enumerate(_padded_batches(len(images), batch_size)):
+    for i, (start, valid) in enumerate(batch_spans(len(images), batch_size)):
         weight = (np.arange(batch_size) < valid).astype(np.float32)
         sums = eval_batch(params, model_state, pad_batch(images, start, batch_size),
                           pad_batch(labels, start, batch_size), weight, jax.random.fold_in(key, i))
