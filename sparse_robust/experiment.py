@@ -114,6 +114,14 @@ class Experiment:
             self.final_attacks, key, batch_size=self.config.eval.batch_size,
             progress=self.config.progress)
 
+    def final_and_best_accuracies(self, outcome: level_lib.LevelOutcome,
+                                  key: jax.Array) -> tuple[dict, dict]:
+        """``test_accuracies`` of a level's final weights and of its early-stopping weights; when
+        the last step was the best they are the same weights, evaluated once."""
+        final = self.test_accuracies(outcome.state.params, outcome.state.model_state, key)
+        if outcome.best_step == int(outcome.state.step):
+            return final, final
+        return final, self.test_accuracies(outcome.best_params, outcome.best_model_state, key)
 
     def sanity_checks(self, params, model_state, key: jax.Array) -> dict | None:
         """Gradient-masking checks (see ``evaluation.run_sanity_checks``) on a test-set prefix,

@@ -126,11 +126,10 @@ def run_trial(exp, work, trial: int) -> None:
         if level == 0 and snapshot_step:
             checkpoint_lib.save_if_missing(rewind_path, outcome.snapshot)
         eval_key = jax.random.fold_in(keys["final_eval"], level)
-        final = exp.test_accuracies(*final_variables, eval_key)
-        best = exp.test_accuracies(outcome.best_params, outcome.best_model_state, eval_key)
+        final, best = exp.final_and_best_accuracies(outcome, eval_key)
         checks = exp.sanity_checks(*final_variables, jax.random.fold_in(eval_key, 1))
         work.write_result(trial, level, experiment_lib.level_record(
             trial, level, mask, outcome, final, best, strategy=prune_cfg.strategy,
             sanity_checks=checks))
-        previous = checkpoint_lib.load_pytree(final_path, (init_params, init_state))
+        previous = checkpoint_lib.to_host(final_variables)  # what a resumed run loads from disk
         dense_trained = previous if level == 0 else dense_trained

@@ -363,10 +363,7 @@ class _Trial:
         checkpoint_lib.save_if_missing(os.path.join(unit_dir, "final_variables"),
                                        (unit.params, unit.model_state))
         eval_key = unit_key(self.keys["final_eval"], method, level)
-        final = exp.test_accuracies(unit.params, unit.model_state, eval_key)
-        # The early-stopping network is the final one when the last step was the best.
-        best = (final if outcome.best_step == int(outcome.state.step) else
-                exp.test_accuracies(outcome.best_params, outcome.best_model_state, eval_key))
+        final, best = exp.final_and_best_accuracies(outcome, eval_key)
         record = experiment_lib.level_record(
             self.trial, level, mask, outcome, final, best, method=method,
             target_sparsity=sparsity, **extra,
