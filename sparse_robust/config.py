@@ -75,20 +75,24 @@ def build_attack(config, label: str):
         raise ConfigError(f"config.attacks.{label}: {err}") from None
 
 
+def _comma_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def eval_attack_labels(config) -> list[str]:
-    labels = [s.strip() for s in config.eval.attacks.split(",") if s.strip()]
-    return labels
+    """``config.eval.attacks`` (comma-separated) as a list."""
+    return _comma_list(config.eval.attacks)
 
 
 def method_names(config) -> list[str]:
     """``config.methods`` (comma-separated) as a list."""
-    return [s.strip() for s in config.methods.split(",") if s.strip()]
+    return _comma_list(config.methods)
 
 
 def target_sparsities(config) -> list[float]:
     """``config.sparsities`` (comma-separated fractions of pruned weights) as floats."""
     try:
-        return [float(s) for s in config.sparsities.split(",") if s.strip()]
+        return [float(s) for s in _comma_list(config.sparsities)]
     except ValueError:
         _fail("sparsities", config.sparsities, "expected comma-separated numbers, e.g. '0.9,0.95'")
 
@@ -105,27 +109,22 @@ def pruning_rates(config):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first bad field; cheap, runs before any data or compute."""
-    if _get(config, "data.name") not in data_lib.DATASET_NAMES:
-        _fail("data.name", config.data.name, f"choose one of {data_lib.DATASET_NAMES}")
-    if _get(config, "data.source") not in data_lib.SOURCES:
-        _fail("data.source", config.data.source, f"choose one of {data_lib.SOURCES}")
+    _choice(config, "data.name", data_lib.DATASET_NAMES)
+    _choice(config, "data.source", data_lib.SOURCES)
     _positive_int(config, "data.validation_size", allow_zero=True)
     _positive_int(config, "data.train_limit", allow_zero=True)
-    if _get(config, "model.name") not in models_lib.available_models():
-        _fail("model.name", config.model.name, f"choose one of {models_lib.available_models()}")
+    _choice(config, "model.name", models_lib.available_models())
     _positive_int(config, "seed", allow_zero=True)
     _positive_int(config, "num_trials")
 
     train = _get(config, "train")
-    if train.optimizer not in OPTIMIZERS:
-        _fail("train.optimizer", train.optimizer, f"choose one of {OPTIMIZERS}")
+    _choice(config, "train.optimizer", OPTIMIZERS)
     if not train.learning_rate > 0:
         _fail("train.learning_rate", train.learning_rate, "must be > 0")
     _positive_int(config, "train.batch_size")
     _positive_int(config, "train.num_steps")
     _choice(config, "train.loop", TRAIN_LOOPS)
-    if train.objective not in objectives_lib.OBJECTIVES:
-        _fail("train.objective", train.objective, f"choose one of {objectives_lib.OBJECTIVES}")
+    _choice(config, "train.objective", objectives_lib.OBJECTIVES)
     build_objective(config)
 
     _positive_int(config, "eval.every")
@@ -136,9 +135,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "parallel.num_devices", allow_zero=True)
     if not isinstance(_get(config, "parallel.distributed"), bool):
         _fail("parallel.distributed", config.parallel.distributed, "expected True or False")
-    if config.eval.early_stop_metric not in EARLY_STOP_METRICS:
-        _fail("eval.early_stop_metric", config.eval.early_stop_metric,
-              f"choose one of {EARLY_STOP_METRICS}")
+    _choice(config, "eval.early_stop_metric", EARLY_STOP_METRICS)
     if not eval_attack_labels(config):
         _fail("eval.attacks", config.eval.attacks, "name at least one attack from config.attacks")
     for label in eval_attack_labels(config) + [config.eval.attack]:
@@ -146,12 +143,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     prune = _get(config, "prune")
     _positive_int(config, "prune.levels", allow_zero=True)
-    if prune.scope not in pruning.SCOPES:
-        _fail("prune.scope", prune.scope, f"choose one of {pruning.SCOPES}")
-    if prune.criterion not in CRITERIA:
-        _fail("prune.criterion", prune.criterion, f"choose one of {CRITERIA}")
-    if prune.strategy not in STRATEGIES:
-        _fail("prune.strategy", prune.strategy, f"choose one of {STRATEGIES}")
+    _choice(config, "prune.scope", pruning.SCOPES)
+    _choice(config, "prune.criterion", CRITERIA)
+    _choice(config, "prune.strategy", STRATEGIES)
     _positive_int(config, "prune.rewind_step", allow_zero=True)
     if prune.strategy == "rewind_step" and not 0 < prune.rewind_step < train.num_steps:
         _fail("prune.rewind_step", prune.rewind_step,
