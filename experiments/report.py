@@ -29,6 +29,7 @@ from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
 from sparse_robust import masks as masks_lib
+from sparse_robust.workdir import read_json
 
 FORMATS = ("markdown", "latex")
 # Which accuracies a table or plot shows: the final weights', or those kept by early stopping.
@@ -53,12 +54,12 @@ def load_run(workdir: str, label: Optional[str] = None) -> Run:
     """Read WORKDIR/summary.json and config.json; label defaults to the pruning strategy (the
     directory name for a comparison of methods)."""
     summary_path = os.path.join(workdir, "summary.json")
-    records = _read_json(summary_path) if os.path.exists(summary_path) else None
+    records = read_json(summary_path) if os.path.exists(summary_path) else None
     if not records:
         raise FileNotFoundError(f"no finished level yet in {workdir} ({summary_path} is missing "
                                 "or empty); run the experiment first.")
     config_path = os.path.join(workdir, "config.json")
-    config = _read_json(config_path) if os.path.exists(config_path) else {}
+    config = read_json(config_path) if os.path.exists(config_path) else {}
     if label is None:  # a lottery run by its strategy; a methods comparison by its directory
         strategy = config.get("prune", {}).get("strategy")
         label = (strategy if config.get("experiment", "lottery") == "lottery" else None) \
@@ -83,11 +84,6 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------- aggregation
-
-def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
 
 def _dir_name(path: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(path)))
