@@ -133,7 +133,7 @@ def _check_inputs(x, y, key, needs_key: bool) -> None:
 # Losses (per example; the attack ascends them)
 
 
-def _margin_parts(logits, y):
+def margin_parts(logits, y):
     """(true-class logit, largest other logit) per example."""
     true_logit = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
     is_true = jax.nn.one_hot(y, logits.shape[-1], dtype=bool)
@@ -143,7 +143,7 @@ def _margin_parts(logits, y):
 
 def dlr_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
     """Difference of logits ratio: −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e−12), per example."""
-    true_logit, other_logit = _margin_parts(logits, y)
+    true_logit, other_logit = margin_parts(logits, y)
     top = jnp.sort(logits, axis=-1)
     return -(true_logit - other_logit) / (top[:, -1] - top[:, -3] + _TINY)
 
@@ -152,7 +152,7 @@ def _per_example_loss(loss: str, logits, y, clean_logits):
     if loss == "ce":
         return cross_entropy(logits, y)
     if loss == "margin":  # Carlini–Wagner: max other logit − true logit.
-        true_logit, other_logit = _margin_parts(logits, y)
+        true_logit, other_logit = margin_parts(logits, y)
         return other_logit - true_logit
     if loss == "kl":  # TRADES: KL(p_clean ‖ p_adv) with the clean prediction held fixed.
         return kl_divergence(clean_logits, logits)

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_robust import masks
+from sparse_robust.attacks import NORMS, margin_parts
 from sparse_robust.models.base import check_positive_int
 
-NORMS = ("linf", "l2")
 # Dual norm of the gradient that bounds a first-order change of the margin under each attack norm.
 _DUAL_ORD = {"linf": 1, "l2": 2}
 _UNUSED_INIT = nn.initializers.zeros
@@ -133,9 +133,7 @@ def logit_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
             f"logits must be [B, C] and labels [B]; got logits.shape={logits.shape}, "
             f"labels.shape={labels.shape}."
         )
-    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    is_true = jax.nn.one_hot(labels, logits.shape[1], dtype=bool)
-    other_max = jnp.max(jnp.where(is_true, -jnp.inf, logits), axis=1)
+    true_logit, other_max = margin_parts(logits, labels)
     return true_logit - other_max
 
 
