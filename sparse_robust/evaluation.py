@@ -137,7 +137,7 @@ def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> 
         if attack.step_size is None:  # FGSM: its step defaults to ε.
             return None
         if attack.eps == 0:
-            raise ValueError(f"step_size_ratio=None is invalid for an attack with eps=0; allowed "
+            raise ValueError("step_size_ratio=None is invalid for an attack with eps=0; allowed "
                              "values: a number >= 0 (step size = ratio · ε).")
         step_size_ratio = attack.step_size / attack.eps
     if not (isinstance(step_size_ratio, numbers.Real) and math.isfinite(step_size_ratio)

@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from sparse_robust import checkpoint as checkpoint_lib

@@ -16,7 +16,6 @@ from sparse_robust import experiment as experiment_lib
 from sparse_robust import lottery
 from sparse_robust import masks
 from sparse_robust import models
-from sparse_robust import training
 from sparse_robust import workdir as workdir_lib
 
 TIMING_FIELDS = ("train_seconds", "steps_per_second")
