@@ -19,6 +19,7 @@ import numpy as np
 
 from sparse_robust import masks
 from sparse_robust.attacks import NORMS, margin_parts
+from sparse_robust.models.base import linear_layer_calls
 from sparse_robust.models.base import check_positive_int
 
 # Dual norm of the gradient that bounds a first-order change of the margin under each attack norm.
@@ -32,23 +33,14 @@ def _check_norm(norm: str) -> None:
 
 
 def _capture_linear_layers(model: nn.Module, variables, input_shape) -> dict[str, tuple]:
-    """Runs the model once and records (module, kernel, input shape) of every Dense/Conv call.
-
-    A module called several times is recorded at its first call.
-    """
+    """(module, kernel, input shape) of every Dense/Conv layer, at its first call."""
     layers = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv)):
-            name = "/".join(module.path)
-            if name not in layers:
-                kernel = module.get_variable("params", "kernel")
-                layers[name] = (module, kernel, (1,) + tuple(args[0].shape[1:]))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
+    for name, module, shape in linear_layer_calls(model, jnp.zeros((1,) + tuple(input_shape))):
+        if name not in layers:
+            kernel = variables["params"]
+            for part in name.split("/"):
+                kernel = kernel[part]
+            layers[name] = (module, kernel["kernel"], shape)
     return layers
 
 

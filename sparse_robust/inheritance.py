@@ -25,6 +25,7 @@ import optax
 from sparse_robust import masks as masks_lib
 from sparse_robust import pruning
 from sparse_robust import training
+from sparse_robust.models.base import linear_layer_calls
 
 FILLS = ("zeros", "init")
 TRAINABLE = ("all", "inherited", "new")
@@ -37,16 +38,7 @@ def flattened_inputs(model: nn.Module, sample_input) -> dict[str, int]:
     widens every block, so inheritance must copy block by block instead of a leading slice.
     Shapes only: nothing is computed.
     """
-    calls = []  # (layer name, module, input shape) in call order
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
-            calls.append(("/".join(context.module.path), context.module, args[0].shape))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                       jnp.asarray(sample_input))
+    calls = linear_layer_calls(model, sample_input)
     found = {}
     for (_, previous, _), (name, module, shape) in zip(calls, calls[1:]):
         if isinstance(module, nn.Dense) and isinstance(previous, nn.Conv):

@@ -21,6 +21,7 @@ from sparse_robust import masks as masks_lib
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
 from sparse_robust import pruning
+from sparse_robust.models.base import linear_layer_calls
 
 ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
 
@@ -182,10 +183,9 @@ class _SteppedLoop:
 
 
 def uses_convolutions(model: nn.Module, sample_input) -> bool:
-    """Whether any param of `model` is a convolution kernel (more than 2 dimensions)."""
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                            jnp.asarray(sample_input))
-    return any(leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(shapes.get("params", {})))
+    """Whether `model` calls an nn.Conv on `sample_input`."""
+    return any(isinstance(module, nn.Conv)
+               for _, module, _ in linear_layer_calls(model, sample_input))
 
 
 def stack_states(states: list) -> Any:

@@ -4,7 +4,24 @@ import functools
 import numbers
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+
+def linear_layer_calls(model: nn.Module, sample_input) -> list[tuple[str, nn.Module, tuple]]:
+    """(module path "a/b", module, input shape) of every nn.Dense / nn.Conv call of `model` on
+    `sample_input`, in call order. Shapes only: nothing is computed."""
+    calls = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            calls.append(("/".join(context.module.path), context.module, tuple(args[0].shape)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                       jnp.asarray(sample_input))
+    return calls
 
 
 def check_positive_int(name: str, value) -> None:
