@@ -29,6 +29,7 @@ from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
 from sparse_robust import masks as masks_lib
+from sparse_robust.checks import check_choice
 from sparse_robust.workdir import read_json
 
 FORMATS = ("markdown", "latex")
@@ -149,11 +150,6 @@ def _level_stats(records: Sequence[dict], getter: Callable):
     return np.array(xs), np.array(means), np.array(stds)
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is invalid; allowed values: {tuple(allowed)}.")
-
-
 def _resolve_attacks(runs: Sequence[Run], attacks, accuracy: str) -> list[str]:
     """The attack labels found in the records (worst case last), or the checked ``attacks``."""
     robust_field = ACCURACY_FIELDS[accuracy][1]
@@ -183,8 +179,8 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     last), all in %, and the early-stopping step; each cell is mean ± std over trials.
     ``accuracy`` picks the final weights' accuracies or the early-stopped ones'.
     """
-    _check_choice("fmt", fmt, FORMATS)
-    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    check_choice("fmt", fmt, FORMATS)
+    check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = _as_runs(runs)
     attacks = _resolve_attacks(runs, attacks, accuracy)
     getters = _accuracy_getters(accuracy, attacks)
@@ -238,8 +234,8 @@ def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     Only records with a "method" field count; "" when there are none. For inverse inheritance
     the column is the sparsity of the inherited small network (the large network is dense).
     """
-    _check_choice("fmt", fmt, FORMATS)
-    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    check_choice("fmt", fmt, FORMATS)
+    check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = _as_runs(runs)
     getters = _accuracy_getters(accuracy, [WORST_CASE])
     show_run = len(runs) > 1
@@ -279,8 +275,8 @@ def inverse_inheritance_table(runs: Union[Run, Sequence[Run]], fmt: str = "markd
     """The large network trained from scratch vs inheriting each level's sparse network: clean,
     per-attack and worst-case accuracy (%), and the worst-case gain over from-scratch (points).
     "" when no run has both "scratch_large" and "inverse_inheritance" records."""
-    _check_choice("fmt", fmt, FORMATS)
-    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    check_choice("fmt", fmt, FORMATS)
+    check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = _as_runs(runs)
     attacks = _resolve_attacks(runs, None, accuracy)
     getters = _accuracy_getters(accuracy, attacks)
@@ -387,7 +383,7 @@ def learning_curves(run: Run, metric: str = "adv_accuracy",
     Only steps measured in every trial that recorded the metric are kept ("" is the method of
     records without one); levels without such measurements are left out.
     """
-    _check_choice("split", split, SPLITS)
+    check_choice("split", split, SPLITS)
     curves = {}
     for method, level, records in _level_groups(run.records):
         per_trial = []
@@ -482,7 +478,7 @@ def plot_learning_curves(runs: Union[Run, Sequence[Run]], out_dir: str,
                          metric: str = "adv_accuracy", split: str = "test") -> str:
     """One panel per series: split[metric] vs iteration, a line per level coloured by weights
     remaining (mean over trials). Writes learning_curves.png and returns its path."""
-    _check_choice("split", split, SPLITS)
+    check_choice("split", split, SPLITS)
     runs = _as_runs(runs)
     panels = []  # (series name, [(weights remaining %, steps, values)])
     for run in runs:
@@ -511,7 +507,7 @@ def plot_accuracy_vs_weights(runs: Union[Run, Sequence[Run]], out_dir: str,
                              accuracy: str = "final") -> str:
     """Clean and per-attack test accuracy vs weights remaining (log-x), mean ± std band per
     series. Writes accuracy_vs_weights.png and returns its path."""
-    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = _as_runs(runs)
     getters = _accuracy_getters(accuracy, _resolve_attacks(runs, attacks, accuracy))
     fig, axes = _panels(len(getters))
@@ -546,7 +542,7 @@ def plot_weight_distributions(run: Run, out_dir: str, trial: Optional[int] = Non
     Levels without final_variables/ and mask.npz are skipped."""
     trials = sorted({r["trial"] for r in run.records})
     trial = trials[0] if trial is None else trial
-    _check_choice("trial", trial, trials)
+    check_choice("trial", trial, trials)
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
         raise ValueError(f"bins={bins!r} is invalid; expected an integer >= 1.")
     paths = []
@@ -584,14 +580,14 @@ def plot_diagnostics(runs: Union[Run, Sequence[Run]], out_dir: str,
     """Robust accuracy (default: worst case) vs each scalar diagnostic, a point per level (mean
     over trials) coloured by weights remaining. Writes diagnostics.png and returns its path, or
     None when no record has diagnostics or an attack."""
-    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = _as_runs(runs)
     names = diagnostic_names(runs)
     available = _resolve_attacks(runs, None, accuracy)
     if attack is None and available:
         attack = WORST_CASE if WORST_CASE in available else available[0]
     if attack is not None:
-        _check_choice("attack", attack, available)
+        check_choice("attack", attack, available)
     if not names or attack is None:
         return None
     robust = _accuracy_getters(accuracy, [attack])[attack]
@@ -646,7 +642,7 @@ def write_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
                  accuracy: str = "final") -> str:
     """Write table.md, table.tex and every plot into out_dir (default: the first WORKDIR/report);
     return the markdown table."""
-    _check_choice("accuracy", accuracy, ACCURACY_FIELDS)
+    check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = load_runs(workdirs)
     out_dir = out_dir or os.path.join(runs[0].workdir, "report")
     os.makedirs(out_dir, exist_ok=True)

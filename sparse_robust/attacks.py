@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sparse_robust.checks import check_choice
 from sparse_robust.objectives import cross_entropy, kl_divergence
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -42,11 +43,6 @@ _TINY = 1e-12  # Guards divisions by a zero norm (zero gradient, zero perturbati
 
 # --------------------------------------------------------------------------------------------
 # Validation (eager, before tracing)
-
-
-def _check_choice(field: str, value, allowed) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}.")
 
 
 def _check_int(field: str, value, minimum: int) -> None:
@@ -90,11 +86,11 @@ def _check_settings(attack: str, settings: Mapping[str, Any]) -> None:
         elif field in ("num_steps", "restarts"):
             _check_int(field, value, 1)
         elif field == "norm":
-            _check_choice(field, value, NORMS)
+            check_choice(field, value, NORMS)
         elif field == "loss":
-            _check_choice(field, value, losses)
+            check_choice(field, value, losses)
         elif field == "label_source":
-            _check_choice(field, value, LABEL_SOURCES)
+            check_choice(field, value, LABEL_SOURCES)
         elif field in ("random_start", "targeted"):
             _check_bool(field, value)
         elif field in ("clip_min", "clip_max"):
@@ -477,7 +473,7 @@ def make_attack(name: str, **settings) -> Attack:
     ``{"name": "pgd", "eps": 0.3, "step_size": 0.05, "num_steps": 10, "label_source": "predicted"}``.
     Raises ValueError naming the field, the bad value and the allowed values.
     """
-    _check_choice("name", name, ATTACK_NAMES)
+    check_choice("name", name, ATTACK_NAMES)
     defaults = _keyword_defaults(_ATTACK_FNS[name])
     defaults["label_source"] = "true"
     unknown = sorted(set(settings) - set(defaults))

@@ -20,16 +20,11 @@ import numpy as np
 from sparse_robust import masks
 from sparse_robust.attacks import NORMS, margin_parts
 from sparse_robust.models.base import linear_layer_calls
-from sparse_robust.models.base import check_positive_int
+from sparse_robust.checks import check_choice, check_positive_int
 
 # Dual norm of the gradient that bounds a first-order change of the margin under each attack norm.
 _DUAL_ORD = {"linf": 1, "l2": 2}
 _UNUSED_INIT = nn.initializers.zeros
-
-
-def _check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is not supported; allowed values: {NORMS}.")
 
 
 def _capture_linear_layers(model: nn.Module, variables, input_shape) -> dict[str, tuple]:
@@ -137,7 +132,7 @@ def local_lipschitz(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, l
     perturbation of size eps changes the margin by about eps times this value. Each example is
     differentiated on its own, so batch coupling in `logits_fn` cannot leak between examples.
     """
-    _check_norm(norm)
+    check_choice("norm", norm, NORMS)
     if labels.shape != x.shape[:1]:
         raise ValueError(f"labels.shape={labels.shape} must be ({x.shape[0]},) to match x.")
 
@@ -197,7 +192,7 @@ def compute_diagnostics(model: nn.Module, variables, mask, images: jax.Array, la
     Returns {"spectral_norms", "lipschitz_upper_bound", "local_lipschitz_mean", "margin_clean_mean",
     "margin_adversarial_mean" (None without adversarial_images), "weight_histograms"}.
     """
-    _check_norm(norm)
+    check_choice("norm", norm, NORMS)
     check_positive_int("num_iters", num_iters)
     if images.ndim < 2 or labels.shape != images.shape[:1]:
         raise ValueError(

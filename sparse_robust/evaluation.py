@@ -20,6 +20,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sparse_robust.attacks import NORMS, Attack, make_attack
+from sparse_robust.checks import check_choice
 from sparse_robust.training import batch_spans, pad_batch
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -287,8 +288,7 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
     the box's width for L∞, its diagonal for L2, enough to reach any input from any other).
     The PGD step scales with ε in the sweep.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is not supported; allowed values: {list(NORMS)}.")
+    check_choice("norm", norm, NORMS)
     if not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps={eps!r} is invalid; allowed values: numbers > 0.")
     if isinstance(sweep_points, bool) or not isinstance(sweep_points, int) or sweep_points < 2:

@@ -25,6 +25,7 @@ import optax
 from sparse_robust import masks as masks_lib
 from sparse_robust import pruning
 from sparse_robust import training
+from sparse_robust.checks import check_choice
 from sparse_robust.models.base import linear_layer_calls
 
 FILLS = ("zeros", "init")
@@ -53,11 +54,6 @@ def _leaves(tree, what: str) -> dict[str, Any]:
     if not flat:
         raise ValueError(f"{what} is empty.")
     return {masks_lib.path_name(p): leaf for p, leaf in flat}
-
-
-def _check_choice(arg: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{arg}={value!r} is invalid; allowed values: {allowed}.")
 
 
 def _blocked_shape(name: str, shape: tuple, positions: Optional[int]) -> tuple:
@@ -132,7 +128,7 @@ def inherit_wider(small_params, small_mask, large_init_params, *, fill: str = "z
     Returns:
       Params with the structure of ``large_init_params``.
     """
-    _check_choice("fill", fill, FILLS)
+    check_choice("fill", fill, FILLS)
     if not np.isfinite(fill_scale):
         raise ValueError(f"fill_scale={fill_scale!r} is invalid; allowed values: finite numbers.")
     positions = _positions(small_params, small_mask, large_init_params, flattened_inputs)
@@ -163,7 +159,7 @@ def trainable_mask(small_params, small_mask, large_params, which: str = "all", *
     "all" (default): every entry; "inherited": only the entries that received a surviving
     weight; "new": only the others. Pass it to :func:`create_train_state`.
     """
-    _check_choice("which", which, TRAINABLE)
+    check_choice("which", which, TRAINABLE)
     positions = _positions(small_params, small_mask, large_params, flattened_inputs)
     flags = {name: (jnp.ones_like(inherited) if which == "all" else
                     inherited if which == "inherited" else ~inherited)

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_robust.checks import check_positive_int
+
 
 def linear_layer_calls(model: nn.Module, sample_input) -> list[tuple[str, nn.Module, tuple]]:
     """(module path "a/b", module, input shape) of every nn.Dense / nn.Conv call of `model` on
@@ -22,12 +24,6 @@ def linear_layer_calls(model: nn.Module, sample_input) -> list[tuple[str, nn.Mod
         jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                        jnp.asarray(sample_input))
     return calls
-
-
-def check_positive_int(name: str, value) -> None:
-    """Raises ValueError unless `value` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; allowed values: integers >= 1.")
 
 
 class Classifier(nn.Module):

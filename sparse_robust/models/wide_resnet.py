@@ -3,13 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sparse_robust.models.base import (
-    Classifier,
-    batch_norm,
-    check_positive_int,
-    conv_before_bn,
-    require_images,
-)
+from sparse_robust.checks import check_positive_int
+from sparse_robust.models.base import Classifier, batch_norm, conv_before_bn, require_images
 
 
 class PreActBlock(nn.Module):
