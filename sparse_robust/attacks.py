@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparse_robust.checks import check_choice
+from sparse_robust.checks import check_choice, check_int
 from sparse_robust.objectives import cross_entropy, kl_divergence
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -43,11 +43,6 @@ _TINY = 1e-12  # Guards divisions by a zero norm (zero gradient, zero perturbati
 
 # --------------------------------------------------------------------------------------------
 # Validation (eager, before tracing)
-
-
-def _check_int(field: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: integers >= {minimum}.")
 
 
 def _check_bool(field: str, value) -> None:
@@ -84,7 +79,7 @@ def _check_settings(attack: str, settings: Mapping[str, Any]) -> None:
             if not (attack == "fgsm" and value is None):
                 _check_nonnegative(field, value)
         elif field in ("num_steps", "restarts"):
-            _check_int(field, value, 1)
+            check_int(field, value, 1)
         elif field == "norm":
             check_choice(field, value, NORMS)
         elif field == "loss":

@@ -11,7 +11,12 @@ def check_choice(name: str, value: Any, allowed: Collection) -> None:
         raise ValueError(f"{name}={value!r} is invalid; allowed values: {tuple(allowed)}.")
 
 
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raises ValueError unless `value` is an integer (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid; allowed values: integers >= {minimum}.")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     """Raises ValueError unless `value` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; allowed values: integers >= 1.")
+    check_int(name, value, 1)

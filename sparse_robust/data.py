@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_robust.checks import check_int
+
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10")
 SOURCES = ("auto", "idx", "tfds")
 _IDX_DATASETS = ("mnist", "fashion_mnist")
@@ -42,11 +44,6 @@ _IDX_DTYPES = {
 
 class DataError(ValueError):
     """Missing or corrupt data; the message names the file and how to get the data."""
-
-
-def _check_int(arg: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{arg}: {value!r} not allowed; must be an int >= {low}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,9 +342,9 @@ def load_dataset(
         raise ValueError(f"name: {name!r} unknown; allowed: {DATASET_NAMES}")
     if source not in SOURCES:
         raise ValueError(f"source: {source!r} unknown; allowed: {SOURCES}")
-    _check_int("validation_size", validation_size, 0)
+    check_int("validation_size", validation_size, 0)
     if train_limit is not None:
-        _check_int("train_limit", train_limit, 1)
+        check_int("train_limit", train_limit, 1)
 
     resolved = _resolve_source(name, source, data_dir)
     if resolved == "idx":
@@ -378,8 +375,8 @@ def make_synthetic(
     Deterministic in `seed`; every split draws from the same prototypes.
     """
     for arg, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-        _check_int(arg, value, 0)
-    _check_int("num_classes", num_classes, 2)
+        check_int(arg, value, 0)
+    check_int("num_classes", num_classes, 2)
     if len(image_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in image_shape):
         raise ValueError(f"image_shape: {image_shape!r} must be (H, W, C) of positive ints")
     if noise < 0:
@@ -424,7 +421,7 @@ def batch_indices(key, num_examples: int, batch_size: int, start_step: int, num_
         ("start_step", start_step, 0),
         ("num_steps", num_steps, 0),
     ):
-        _check_int(arg, value, low)
+        check_int(arg, value, low)
     if batch_size > num_examples:
         raise ValueError(
             f"batch_size: {batch_size} exceeds num_examples {num_examples}; allowed: "
@@ -454,7 +451,7 @@ def augment_crop_flip(key, images, padding: int = 4):
     """
     if images.ndim != 4:
         raise ValueError(f"images: shape {images.shape} must be NHWC (4-D)")
-    _check_int("padding", padding, 0)
+    check_int("padding", padding, 0)
     n, height, width, channels = images.shape
     crop_key, flip_key = jax.random.split(key)
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * padding + 1)
