@@ -7,10 +7,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sparse_robust.models.base import Classifier, flatten_batch, require_images
+from sparse_robust.models.pooling import max_pool
 
 
 def _max_pool(x: jnp.ndarray) -> jnp.ndarray:
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    return max_pool(x, (2, 2))
 
 
 class ConvNet(Classifier):

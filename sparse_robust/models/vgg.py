@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sparse_robust.models.base import Classifier, batch_norm, conv_before_bn, require_images
+from sparse_robust.models.pooling import max_pool
 
 # Conv widths, with "M" for a 2x2 max-pool.
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -26,7 +27,7 @@ class VGG(Classifier):
         conv_index = 0
         for layer in self.layers:
             if layer == "M":
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+                x = max_pool(x, (2, 2), padding="SAME")
                 continue
             x = conv_before_bn(self.scaled(layer), (3, 3), padding="SAME", name=f"conv_{conv_index}")(x)
             x = nn.relu(batch_norm(train, f"bn_{conv_index}")(x))
