@@ -1,10 +1,12 @@
 """Tests for sparse_robust.models: registry, shapes, initialisation, batch norm, widths, errors."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sparse_robust.models import ResNet, VGG, WideResNet, available_models, get_model
@@ -400,3 +402,47 @@ def test_conv_nets_reject_flat_inputs(name):
     flat = jnp.zeros((2, math.prod(NATURAL_SHAPE[name])))
     with pytest.raises(ValueError, match=r"NHWC.*data\.flatten=False"):
         model.init(jax.random.key(0), flat)
+
+
+@pytest.mark.parametrize("name, kwargs", [("lenet-5", {}), ("conv-2", {"width_multiplier": 0.25})])
+def test_conv_impls_give_the_same_logits_and_train_steps(name, kwargs):
+    """Every conv_impl computes the same function: same logits, same parameters after masked
+    PGD-mixed train steps (the path the experiments take)."""
+    from sparse_robust import attacks, masks, objectives, training
+
+    x = _images(MNIST_SHAPE, 16)
+    labels = np.arange(16, dtype=np.int32) % 10
+    objective = objectives.Objective(
+        "mixed", attacks.make_attack("pgd", eps=0.3, step_size=0.1, num_steps=2,
+                                     label_source="predicted"), label_smoothing=0.1)
+    tx = optax.sgd(0.1)  # Adam would turn float noise in near-zero gradients into steps of lr
+    indices = np.arange(16, dtype=np.int32).reshape(2, 8)
+    results = {}
+    for conv_impl in ("xla", "patches", "auto"):
+        model = get_model(name, conv_impl=conv_impl, **kwargs)
+        params, model_state = training.init_variables(model, jax.random.key(0), x[:1])
+        logits = model.apply({"params": params}, x)
+        mask = masks.create_mask(params)
+        state = training.create_train_state(params, model_state, tx, mask, jax.random.key(1))
+        loop = training.make_train_loop(training.make_model_fn(model), tx, objective, scan=False)
+        state, _ = loop(state, jnp.asarray(x), jnp.asarray(labels), indices)
+        results[conv_impl] = (params, logits, state.params)
+    reference = results.pop("xla")
+    for conv_impl, result in results.items():
+        for got, want in zip(jax.tree_util.tree_leaves(result), jax.tree_util.tree_leaves(reference)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=conv_impl)
+
+
+@pytest.mark.parametrize("model", [case[0] for case in BN_CASES], ids=BN_IDS)
+def test_conv_impls_give_the_same_logits_with_batch_norm(model):
+    """Strided and 1x1 shortcut convs too, in train mode (batch statistics) and eval mode."""
+    x = _images(CIFAR_SHAPE, 4)
+    variables = _numpy_variables(model, CIFAR_SHAPE)
+    outputs = {}
+    for conv_impl in ("xla", "patches"):
+        apply = jax.jit(functools.partial(model.clone(conv_impl=conv_impl).apply, mutable=["batch_stats"]),
+                        static_argnames="train")
+        outputs[conv_impl] = [apply(variables, x, train=train) for train in (False, True)]
+    for got, want in zip(jax.tree_util.tree_leaves(outputs["patches"]),
+                         jax.tree_util.tree_leaves(outputs["xla"])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

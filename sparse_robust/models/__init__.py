@@ -3,6 +3,8 @@
 Every model is a `flax.linen.Module` called as `model.apply(variables, x, train=False)` on NHWC
 images in [0, 1] (MLPs also take flat (N, D) inputs) and returns logits. Its final layer is an
 `nn.Dense` named `output`. Models with batch norm keep running statistics in `batch_stats`.
+Every model takes `conv_impl` ("auto", "xla", "patches"): how its convolutions run (see
+`sparse_robust.models.conv`; `conv_impls` reports the choice per layer).
 """
 
 import dataclasses
@@ -10,7 +12,8 @@ from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 
-from sparse_robust.models.base import Classifier
+from sparse_robust.models.base import Classifier, conv_impls
+from sparse_robust.models.conv import CONV_IMPLS, Conv, resolve_conv_impl
 from sparse_robust.models.convnets import ConvNet, LeNet5
 from sparse_robust.models.mlp import MLP
 from sparse_robust.models.resnet import ResNet
@@ -73,7 +76,9 @@ def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 __all__ = [
+    "CONV_IMPLS",
     "Classifier",
+    "Conv",
     "ConvNet",
     "LeNet5",
     "MLP",
@@ -81,5 +86,7 @@ __all__ = [
     "VGG",
     "WideResNet",
     "available_models",
+    "conv_impls",
     "get_model",
+    "resolve_conv_impl",
 ]

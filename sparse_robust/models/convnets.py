@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sparse_robust.models.base import Classifier, flatten_batch, require_images
+from sparse_robust.models.conv import Conv
 from sparse_robust.models.pooling import max_pool
 
 
@@ -33,9 +34,8 @@ class ConvNet(Classifier):
         conv_index = 0
         for stage in self.conv_stages:
             for width in stage:
-                conv = nn.Conv(
-                    self.scaled(width), (3, 3), padding="SAME", kernel_init=init, name=f"conv_{conv_index}"
-                )
+                conv = Conv(self.scaled(width), (3, 3), padding="SAME", kernel_init=init,
+                            conv_impl=self.conv_impl, name=f"conv_{conv_index}")
                 x = nn.relu(conv(x))
                 conv_index += 1
             x = _max_pool(x)
@@ -55,7 +55,7 @@ class LeNet5(Classifier):
         del train  # No dropout or batch norm.
         require_images(x, type(self).__name__)
         init = nn.initializers.glorot_uniform()
-        conv = functools.partial(nn.Conv, kernel_size=(5, 5), kernel_init=init)
+        conv = functools.partial(Conv, kernel_size=(5, 5), kernel_init=init, conv_impl=self.conv_impl)
         x = _max_pool(nn.relu(conv(self.scaled(6), padding="SAME", name="conv_0")(x)))
         x = _max_pool(nn.relu(conv(self.scaled(16), padding="VALID", name="conv_1")(x)))
         x = flatten_batch(x)

@@ -15,17 +15,21 @@ class BasicBlock(nn.Module):
 
     width: int
     strides: int = 1
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         strides = (self.strides, self.strides)
-        y = conv_before_bn(self.width, (3, 3), strides, padding=1, name="conv_1")(x)
+        y = conv_before_bn(self.width, (3, 3), strides, padding=1, conv_impl=self.conv_impl,
+                           name="conv_1")(x)
         y = nn.relu(batch_norm(train, "bn_1")(y))
-        y = conv_before_bn(self.width, (3, 3), padding=1, name="conv_2")(y)
+        y = conv_before_bn(self.width, (3, 3), padding=1, conv_impl=self.conv_impl,
+                           name="conv_2")(y)
         y = batch_norm(train, "bn_2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.width:
-            projection = conv_before_bn(self.width, (1, 1), strides, padding="VALID", name="shortcut_conv")
+            projection = conv_before_bn(self.width, (1, 1), strides, padding="VALID",
+                                        conv_impl=self.conv_impl, name="shortcut_conv")
             shortcut = batch_norm(train, "shortcut_bn")(projection(x))
         return nn.relu(y + shortcut)
 
@@ -43,12 +47,14 @@ class ResNet(Classifier):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         require_images(x, type(self).__name__)
-        x = conv_before_bn(self.scaled(64), (3, 3), padding=1, name="stem_conv")(x)
+        x = conv_before_bn(self.scaled(64), (3, 3), padding=1, conv_impl=self.conv_impl,
+                           name="stem_conv")(x)
         x = nn.relu(batch_norm(train, "stem_bn")(x))
         for stage, num_blocks in enumerate(self.stage_sizes):
             width = self.scaled(64 * 2**stage)
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(width, strides, name=f"block_{stage + 1}_{block + 1}")(x, train)
+                x = BasicBlock(width, strides, self.conv_impl,
+                              name=f"block_{stage + 1}_{block + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="output")(x)

@@ -29,7 +29,8 @@ class VGG(Classifier):
             if layer == "M":
                 x = max_pool(x, (2, 2), padding="SAME")
                 continue
-            x = conv_before_bn(self.scaled(layer), (3, 3), padding="SAME", name=f"conv_{conv_index}")(x)
+            x = conv_before_bn(self.scaled(layer), (3, 3), padding="SAME", conv_impl=self.conv_impl,
+                               name=f"conv_{conv_index}")(x)
             x = nn.relu(batch_norm(train, f"bn_{conv_index}")(x))
             conv_index += 1
         x = jnp.mean(x, axis=(1, 2))

@@ -14,17 +14,21 @@ class PreActBlock(nn.Module):
 
     width: int
     strides: int = 1
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         strides = (self.strides, self.strides)
         activated = nn.relu(batch_norm(train, "bn_1")(x))
-        y = conv_before_bn(self.width, (3, 3), strides, padding=1, name="conv_1")(activated)
+        y = conv_before_bn(self.width, (3, 3), strides, padding=1, conv_impl=self.conv_impl,
+                           name="conv_1")(activated)
         y = nn.relu(batch_norm(train, "bn_2")(y))
-        y = conv_before_bn(self.width, (3, 3), padding=1, name="conv_2")(y)
+        y = conv_before_bn(self.width, (3, 3), padding=1, conv_impl=self.conv_impl,
+                           name="conv_2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.width:
-            projection = conv_before_bn(self.width, (1, 1), strides, padding="VALID", name="shortcut_conv")
+            projection = conv_before_bn(self.width, (1, 1), strides, padding="VALID",
+                                        conv_impl=self.conv_impl, name="shortcut_conv")
             shortcut = projection(activated)
         return y + shortcut
 
@@ -52,12 +56,14 @@ class WideResNet(Classifier):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         require_images(x, type(self).__name__)
         blocks_per_group = (self.depth - 4) // 6
-        x = conv_before_bn(self.scaled(16), (3, 3), padding=1, name="stem_conv")(x)
+        x = conv_before_bn(self.scaled(16), (3, 3), padding=1, conv_impl=self.conv_impl,
+                           name="stem_conv")(x)
         for group in range(3):
             width = self.scaled(16 * 2**group * self.widen_factor)
             for block in range(blocks_per_group):
                 strides = 2 if group > 0 and block == 0 else 1
-                x = PreActBlock(width, strides, name=f"block_{group + 1}_{block + 1}")(x, train)
+                x = PreActBlock(width, strides, self.conv_impl,
+                              name=f"block_{group + 1}_{block + 1}")(x, train)
         x = nn.relu(batch_norm(train, "final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="output")(x)

@@ -1,0 +1,184 @@
+"""Tests for sparse_robust.models.conv (the Conv layer, its implementations and their choice) and
+sparse_robust.models.patches, against flax's nn.Conv."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_robust import diagnostics, models
+from sparse_robust.models import Conv, conv_impls, resolve_conv_impl
+from sparse_robust.models.base import linear_layer_calls
+from sparse_robust.models.patches import BANDED_MAX_COLUMNS
+
+# (input shape HWC, Conv keyword arguments); out_width * features > BANDED_MAX_COLUMNS takes the
+# im2col layout of the patches path, the others the banded one.
+CASES = [
+    ((12, 12, 1), dict(features=6, kernel_size=(5, 5), padding="SAME")),
+    ((10, 10, 6), dict(features=16, kernel_size=(5, 5), padding="VALID")),
+    ((9, 11, 3), dict(features=5, kernel_size=(3, 3), padding="SAME", strides=(2, 2))),
+    ((9, 11, 3), dict(features=4, kernel_size=(3, 2), padding="VALID", strides=(2, 1))),
+    ((7, 7, 2), dict(features=4, kernel_size=(3, 3), padding=((1, 0), (0, 2)), strides=(3, 2))),
+    ((8, 8, 4), dict(features=3, kernel_size=(1, 1), padding=0)),
+    ((8, 8, 4), dict(features=3, kernel_size=3, padding=1, use_bias=False)),
+    ((28, 28, 1), dict(features=32, kernel_size=(3, 3), padding="SAME")),
+    ((14, 14, 16), dict(features=64, kernel_size=(3, 3), padding="SAME", strides=2, use_bias=False)),
+]
+IMPLS = ["xla", "patches"]
+
+
+def _case_id(case):
+    shape, kwargs = case
+    return "-".join([f"{shape[0]}x{shape[1]}x{shape[2]}"] + [f"{k}={v}" for k, v in kwargs.items()])
+
+
+def _random(key, shape):
+    return jax.random.normal(jax.random.key(key), shape)
+
+
+def _grads(module, variables, x):
+    """(output, d/dx, d/dparams) of <output, fixed random cotangent>, in one compiled program."""
+    @jax.jit
+    def run(variables, x):
+        y, vjp = jax.vjp(module.apply, variables, x)
+        dvariables, dx = vjp(_random(2, y.shape))
+        return y, dx, dvariables
+
+    return run(variables, x)
+
+
+def test_large_outputs_take_the_im2col_layout():
+    shape, kwargs = CASES[-2]
+    assert shape[1] * kwargs["features"] > BANDED_MAX_COLUMNS
+    assert all(s[1] * k["features"] <= BANDED_MAX_COLUMNS for s, k in CASES[:-2])
+
+
+@pytest.mark.parametrize("conv_impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_conv_matches_nn_conv_forward_and_gradients(case, conv_impl):
+    shape, kwargs = case
+    x = _random(0, (3, *shape))
+    reference = nn.Conv(**kwargs)
+    variables = jax.jit(reference.init)(jax.random.key(1), x)
+    conv = Conv(**kwargs, conv_impl=conv_impl)
+    # Same parameter tree, shapes and initial values as nn.Conv.
+    _assert_trees_equal(jax.jit(conv.init)(jax.random.key(1), x), variables)
+
+    y, dx, dvariables = _grads(conv, variables, x)
+    y_ref, dx_ref, dvariables_ref = _grads(reference, variables, x)
+    assert y.shape == y_ref.shape
+    for got, want in [(y, y_ref), (dx, dx_ref), *zip(jax.tree_util.tree_leaves(dvariables),
+                                                     jax.tree_util.tree_leaves(dvariables_ref))]:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=["banded", "im2col"])
+def test_patches_under_vmap_and_scan(case):
+    shape, kwargs = case
+    xs = _random(0, (4, 2, *shape))
+    reference, conv = nn.Conv(**kwargs), Conv(**kwargs, conv_impl="patches")
+    variables = reference.init(jax.random.key(1), xs[0])
+
+    def loss(module, variables, x):
+        return jnp.mean(jnp.sin(module.apply(variables, x)))
+
+    # vmap over a leading axis of inputs, differentiating both the inputs and the weights.
+    grad = lambda module: jax.vmap(jax.grad(lambda v, x: loss(module, v, x), argnums=(0, 1)),
+                                   in_axes=(None, 0))(variables, xs)
+    for got, want in zip(jax.tree_util.tree_leaves(jax.jit(lambda: grad(conv))()),
+                         jax.tree_util.tree_leaves(jax.jit(lambda: grad(reference))())):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+    # lax.scan of gradient steps on the weights.
+    def descend(module):
+        step = lambda v, x: (jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, v,
+                                                    jax.grad(lambda v: loss(module, v, x))(v)), None)
+        return jax.lax.scan(step, variables, xs)[0]
+
+    for got, want in zip(jax.tree_util.tree_leaves(jax.jit(lambda: descend(conv))()),
+                         jax.tree_util.tree_leaves(jax.jit(lambda: descend(reference))())):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _TwoConvs(nn.Module):
+    conv_impl: str
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(Conv(6, (5, 5), padding="SAME", conv_impl=self.conv_impl, name="conv_0")(x))
+        x = Conv(4, (3, 3), strides=2, padding="VALID", conv_impl=self.conv_impl, name="conv_1")(x)
+        return nn.Dense(3, name="output")(x.reshape((x.shape[0], -1)))
+
+
+def test_spectral_norms_see_the_same_linear_maps():
+    """diagnostics transposes each layer with jax.linear_transpose: the patches path must be
+    transposable and give the norms of XLA's convolution."""
+    shape = (9, 9, 2)
+    variables = _TwoConvs("xla").init(jax.random.key(0), jnp.zeros((1, *shape)))
+    norms = {impl: diagnostics.spectral_norms(_TwoConvs(impl), variables, shape, jax.random.key(1),
+                                              num_iters=50)
+             for impl in IMPLS}
+    assert set(norms["patches"]) == {"conv_0", "conv_1", "output"}
+    for name, value in norms["xla"].items():
+        np.testing.assert_allclose(norms["patches"][name], value, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_dilation=2, padding="SAME"),
+    dict(feature_group_count=2, padding="SAME"),
+    dict(padding="CIRCULAR"),
+])
+@pytest.mark.parametrize("conv_impl", IMPLS)
+def test_other_configurations_run_nn_conv(kwargs, conv_impl):
+    x = _random(0, (2, 7, 7, 4))
+    conv = Conv(4, (3, 3), conv_impl=conv_impl, **kwargs)
+    variables = nn.Conv(4, (3, 3), **kwargs).init(jax.random.key(1), x)
+    np.testing.assert_array_equal(conv.apply(variables, x),
+                                  nn.Conv(4, (3, 3), **kwargs).apply(variables, x))
+    assert conv.resolved_impl(x.shape) == "xla"
+    calls = linear_layer_calls(_OneConv(dict(features=4, kernel_size=(3, 3), conv_impl=conv_impl,
+                                              **kwargs)), x)
+    assert [path for path, _, _ in calls] == ["conv"]  # nn.Conv's __call__ is not a second layer
+
+
+class _OneConv(nn.Module):
+    conv_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return Conv(name="conv", **self.conv_kwargs)(x)
+
+
+def test_resolve_conv_impl():
+    assert resolve_conv_impl("auto", "cpu") == "patches"
+    for backend in ("gpu", "tpu"):
+        assert resolve_conv_impl("auto", backend) == "xla"
+    for impl in IMPLS:
+        for backend in ("cpu", "gpu"):
+            assert resolve_conv_impl(impl, backend) == impl
+    with pytest.raises(ValueError, match="conv_impl='im2col' is invalid; allowed values"):
+        resolve_conv_impl("im2col")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto resolves per backend")
+def test_conv_impls_reports_each_layer_on_cpu():
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    assert conv_impls(models.get_model("lenet-5"), x) == {"conv_0": "patches", "conv_1": "patches"}
+    assert conv_impls(models.get_model("conv-4"), x) == {f"conv_{i}": "patches" for i in range(4)}
+    assert conv_impls(models.get_model("conv-4", conv_impl="xla"), x) == {
+        f"conv_{i}": "xla" for i in range(4)}
+    assert conv_impls(models.get_model("dense-300-100"), x) == {}
+
+
+def test_models_validate_conv_impl():
+    with pytest.raises(ValueError, match="conv_impl='fast' is invalid"):
+        models.get_model("lenet-5", conv_impl="fast")
+    with pytest.raises(ValueError, match="conv_impl='fast' is invalid"):
+        Conv(3, (3, 3), conv_impl="fast")
