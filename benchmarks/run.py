@@ -43,13 +43,13 @@ OBJECTIVES = {
 
 
 def setup(model_name: str, batch: int, steps: int, seed: int = 0, image_shape=(28, 28, 1),
-          objective: str = "PGD-10 mixed"):
-    """A model, a train loop's parts (`objective` from OBJECTIVES), a state and index chunk, on
-    random data."""
+          objective: str = "PGD-10 mixed", model_kwargs=None):
+    """A model (`models.get_model(model_name, **model_kwargs)`), a train loop's parts (`objective`
+    from OBJECTIVES), a state and index chunk, on random data."""
     rng = np.random.default_rng(seed)
     images = rng.random((max(4 * batch, 2048),) + image_shape, dtype=np.float32)
     labels = rng.integers(0, 10, len(images)).astype(np.int32)
-    model = models.get_model(model_name)
+    model = models.get_model(model_name, **(model_kwargs or {}))
     model_fn = training.make_model_fn(model)
     objective = OBJECTIVES[objective]()
     tx = optax.adam(1.2e-3)
