@@ -8,29 +8,29 @@ writes into DIR (default: the first WORKDIR/report) table.md, table.tex and PNG 
 accuracy during training, accuracy and early-stopping step vs weights remaining, distributions of
 the surviving weights, and robust accuracy vs the diagnostics when the records carry them.
 
-A *series* is what one line or panel shows: a run, or one method of a run whose records have a
-"method" field. Standard deviations are sample ones (ddof=1), omitted for a single trial.
+A *series* is what one line or panel shows: a run's pruning chain, or one of its branches (records
+with a "branch" field). Files are found through ``sparse_robust.runs.layout``. Standard deviations
+are sample ones (ddof=1), omitted for a single trial.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
 from typing import Callable, Optional, Sequence, Union
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
 from sparse_robust import masks as masks_lib
 from sparse_robust.checks import check_choice
-from sparse_robust.workdir import read_json
+from sparse_robust.runs import store
+from sparse_robust.runs.errors import UserError
+from sparse_robust.runs.layout import Layout
 
 FORMATS = ("markdown", "latex")
 # Which accuracies a table or plot shows: the final weights', or those kept by early stopping.
@@ -54,17 +54,16 @@ class Run:
 def load_run(workdir: str, label: Optional[str] = None) -> Run:
     """Read WORKDIR/summary.json and config.json; label defaults to the pruning strategy (the
     directory name for a comparison of methods)."""
-    summary_path = os.path.join(workdir, "summary.json")
-    records = read_json(summary_path) if os.path.exists(summary_path) else None
+    layout = Layout(workdir)
+    records = store.read_json(layout.summary) if os.path.exists(layout.summary) else None
     if not records:
-        raise FileNotFoundError(f"no finished level yet in {workdir} ({summary_path} is missing "
+        raise FileNotFoundError(f"no finished level yet in {workdir} ({layout.summary} is missing "
                                 "or empty); run the experiment first.")
-    config_path = os.path.join(workdir, "config.json")
-    config = read_json(config_path) if os.path.exists(config_path) else {}
-    if label is None:  # a lottery run by its strategy; a methods comparison by its directory
+    config = store.read_json(layout.config) if os.path.exists(layout.config) else {}
+    if label is None:  # a plain chain by its strategy; a comparison of branches by its directory
+        branches = config.get("branches", {}).get("names")
         strategy = config.get("prune", {}).get("strategy")
-        label = (strategy if config.get("experiment", "lottery") == "lottery" else None) \
-            or _dir_name(workdir)
+        label = (strategy if not branches else None) or _dir_name(workdir)
     return Run(workdir=os.path.abspath(workdir), label=label, config=config, records=records)
 
 
@@ -97,22 +96,27 @@ def _as_runs(runs: Union[Run, Sequence[Run]]) -> list[Run]:
     return runs
 
 
+def _method(record: dict) -> str:
+    """The series of a record: "" for the pruning chain, else its branch."""
+    return record.get("branch") or ""
+
+
 def _series(runs: Sequence[Run]) -> list[tuple[str, Run, str, list[dict]]]:
-    """(name, run, method, records) for each run, split by method when the records have one."""
+    """(name, run, method, records) for each run, split into its chain and its branches."""
     out = []
     for run in runs:
-        methods = sorted({r.get("method", "") for r in run.records})
+        methods = sorted({_method(r) for r in run.records})
         for method in methods:
-            records = [r for r in run.records if r.get("method", "") == method]
+            records = [r for r in run.records if _method(r) == method]
             out.append((f"{run.label}: {method}" if method else run.label, run, method, records))
     return out
 
 
 def _level_groups(records: Sequence[dict]) -> list[tuple[str, int, list[dict]]]:
-    """(method, level, records) sorted by method then level ("" for records without a method)."""
+    """(method, level, records) sorted by method then level ("" for the chain)."""
     groups = {}
     for record in records:
-        groups.setdefault((record.get("method", ""), record["level"]), []).append(record)
+        groups.setdefault((_method(record), record["level"]), []).append(record)
     return [(method, level, rs) for (method, level), rs in sorted(groups.items())]
 
 
@@ -185,7 +189,7 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     attacks = _resolve_attacks(runs, attacks, accuracy)
     getters = _accuracy_getters(accuracy, attacks)
     show_run = len(runs) > 1
-    show_method = any("method" in r for run in runs for r in run.records)
+    show_method = any("branch" in r for run in runs for r in run.records)
 
     header = (["Run"] if show_run else []) + (["Method"] if show_method else [])
     header += ["Level", "Weights remaining", "Clean"]
@@ -207,7 +211,7 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     return _latex(caption, header, blocks)
 
 
-# Row order of the methods table: the dense network, then sparsity_robust.methods' order.
+# Row order of the methods table: the dense network, the chain's tickets, then the branches.
 METHOD_ORDER = ("dense", "lottery", "inherit", "reinit", "random", "hydra", "inverse_inheritance",
                 "scratch_large")
 
@@ -217,13 +221,24 @@ def _method_rank(method: str) -> tuple:
 
 
 def _level_label(level: int, records: Sequence[dict]) -> str:
-    """"dense" for level 0, else the level's target sparsity (or weights remaining)."""
+    """"dense" for level 0, else the level's sparsity (of the chain's ticket)."""
     if level == 0:
         return "dense"
-    targets = [r["target_sparsity"] for r in records if r.get("target_sparsity") is not None]
-    if targets:
-        return f"{100 * np.mean(targets):g}% sparse"
-    return f"{_remaining_percent(records):.1f}% left"
+    chain = [r for r in records if not _method(r)] or records
+    return f"{100 - _remaining_percent(chain):.1f}% sparse"
+
+
+def _table_method(record: dict) -> str:
+    """A record's row in the methods table: dense (chain level 0), lottery, or its branch."""
+    return _method(record) or ("dense" if record["level"] == 0 else "lottery")
+
+
+def _compared(run: Run) -> list[dict]:
+    """The records of the methods table: the branches, and the chain at the branches' levels."""
+    branches = [r for r in run.records if "branch" in r]
+    levels = {r["level"] for r in branches} | {0}
+    return branches + [r for r in run.records if "branch" not in r and r["level"] in levels] \
+        if branches else []
 
 
 def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
@@ -231,8 +246,8 @@ def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     """Methods as rows, sparsity levels as columns, each cell "clean / robust" test accuracy (%)
     with robust = the worst case over the evaluation attacks (mean ± std over trials).
 
-    Only records with a "method" field count; "" when there are none. For inverse inheritance
-    the column is the sparsity of the inherited small network (the large network is dense).
+    Only runs with branches count; "" when there are none. For inverse inheritance the column is
+    the sparsity of the inherited small network (the large network is dense).
     """
     check_choice("fmt", fmt, FORMATS)
     check_choice("accuracy", accuracy, ACCURACY_FIELDS)
@@ -241,7 +256,7 @@ def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     show_run = len(runs) > 1
     blocks, columns = [], {}
     for run in runs:
-        records = [r for r in run.records if "method" in r]
+        records = _compared(run)
         for level in sorted({r["level"] for r in records}):
             columns.setdefault(level, _level_label(level, [r for r in records
                                                            if r["level"] == level]))
@@ -249,8 +264,9 @@ def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
         return ""
     for run in runs:
         groups = {}
-        for method, level, records in _level_groups([r for r in run.records if "method" in r]):
-            groups.setdefault(method, {})[level] = records
+        for record in _compared(run):
+            groups.setdefault(_table_method(record), {}).setdefault(record["level"], []).append(
+                record)
         rows = []
         for method in sorted(groups, key=_method_rank):
             row = ([run.label] if show_run else []) + [method]
@@ -284,14 +300,15 @@ def inverse_inheritance_table(runs: Union[Run, Sequence[Run]], fmt: str = "markd
     show_run = len(runs) > 1
     blocks = []
     for run in runs:
-        scratch = [r for r in run.records if r.get("method") == "scratch_large"]
-        inverse = [r for r in run.records if r.get("method") == "inverse_inheritance"]
+        scratch = [r for r in run.records if _method(r) == "scratch_large"]
+        inverse = [r for r in run.records if _method(r) == "inverse_inheritance"]
         if not (scratch and inverse):
             continue
         rows = [(["from scratch"], scratch)]
         for level in sorted({r["level"] for r in inverse}):
             records = [r for r in inverse if r["level"] == level]
-            sparsity = _level_label(level, records)
+            remaining = 100 * np.mean([r.get("source_weights_remaining", 1.0) for r in records])
+            sparsity = f"{100 - remaining:.1f}% sparse"
             rows.append(([f"inherits {records[0].get('source', '?')} ({sparsity})"], records))
         baseline = np.mean([worst(r) for r in scratch]) if worst else None
         block = []
@@ -306,7 +323,7 @@ def inverse_inheritance_table(runs: Union[Run, Sequence[Run]], fmt: str = "markd
     if not blocks:
         return ""
     widths = sorted({r.get("width_multiplier", 1.0) for run in runs for r in run.records
-                     if r.get("method") == "scratch_large"})
+                     if _method(r) == "scratch_large"})
     header = (["Run"] if show_run else []) + ["Large network", "Clean"]
     header += ["Worst case" if a == WORST_CASE else a for a in attacks] + ["Gain (worst case)"]
     caption = (f"Inverse weights inheritance: the large network (width x"
@@ -360,20 +377,9 @@ def _latex(caption: str, header: list, blocks: list) -> str:
 
 # ----------------------------------------------------------------------------- level artefacts
 
-def level_dir(run: Run, record: dict) -> str:
-    """WORKDIR/trial_T/level_LL of a record, or WORKDIR/trial_T/METHOD/level_LL when that exists."""
-    trial_path = os.path.join(run.workdir, f"trial_{record['trial']}")
-    name = f"level_{record['level']:02d}"
-    method = record.get("method")
-    if method and os.path.isdir(os.path.join(trial_path, method, name)):
-        return os.path.join(trial_path, method, name)
-    return os.path.join(trial_path, name)
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl file, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def unit_files(run: Run, record: dict):
+    """The files of a record's unit (``runs.layout``)."""
+    return Layout(run.workdir).unit(record["trial"], record["level"], record.get("branch"))
 
 
 def learning_curves(run: Run, metric: str = "adv_accuracy",
@@ -388,10 +394,10 @@ def learning_curves(run: Run, metric: str = "adv_accuracy",
     for method, level, records in _level_groups(run.records):
         per_trial = []
         for record in records:
-            path = os.path.join(level_dir(run, record), "metrics.jsonl")
+            path = unit_files(run, record).metrics
             if os.path.exists(path):
-                history = {m["step"]: m[split][metric] for m in read_metrics(path)
-                           if metric in m.get(split, {})}
+                history = {m["step"]: m[split][metric] for m in store.read_jsonl(path)
+                           if m.get(split, {}).get(metric) is not None}
                 per_trial += [history] if history else []
         steps = sorted(set.intersection(*(set(h) for h in per_trial))) if per_trial else []
         if steps:
@@ -400,24 +406,21 @@ def learning_curves(run: Run, metric: str = "adv_accuracy",
     return curves
 
 
-def surviving_weights(level_path: str) -> dict[str, np.ndarray]:
-    """{leaf name: 1-D array of its alive weights} from LEVEL/final_variables and LEVEL/mask.npz."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(os.path.abspath(level_path), "final_variables"))
+def surviving_weights(files) -> dict[str, np.ndarray]:
+    """{leaf name: 1-D array of its alive weights} of a unit's final weights and mask."""
+    restored = store.load_tree_raw(files.final_variables)
     params = restored[0] if isinstance(restored, (list, tuple)) else restored  # (params, state)
-    flat = {masks_lib.path_name(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    with np.load(os.path.join(level_path, "mask.npz")) as mask:
-        missing = sorted(set(mask.files) - set(flat))
-        if missing:
-            raise ValueError(f"{level_path}: mask leaves {missing} are not among the checkpointed "
-                             f"params {sorted(flat)}.")
-        return {name: flat[name][mask[name]] for name in mask.files}
+    flat = {name: np.asarray(leaf) for name, leaf in masks_lib.named_leaves(params).items()}
+    mask = store.read_mask_arrays(files.mask)
+    missing = sorted(set(mask) - set(flat))
+    if missing:
+        raise ValueError(f"{files.mask}: mask leaves {missing} are not among the checkpointed "
+                         f"params {sorted(flat)}.")
+    return {name: flat[name][alive] for name, alive in mask.items()}
 
 
-def _has_weights(level_path: str) -> bool:
-    return (os.path.isdir(os.path.join(level_path, "final_variables"))
-            and os.path.exists(os.path.join(level_path, "mask.npz")))
+def _has_weights(files) -> bool:
+    return os.path.isdir(files.final_variables) and os.path.exists(files.mask)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -547,8 +550,8 @@ def plot_weight_distributions(run: Run, out_dir: str, trial: Optional[int] = Non
         raise ValueError(f"bins={bins!r} is invalid; expected an integer >= 1.")
     paths = []
     for name, _, _, records in _series([run]):
-        levels = sorted((r["level"], r["weights_remaining"], level_dir(run, r))
-                        for r in records if r["trial"] == trial)
+        levels = sorted(((r["level"], r["weights_remaining"], unit_files(run, r))
+                         for r in records if r["trial"] == trial), key=lambda e: e[:2])
         levels = [entry for entry in levels if _has_weights(entry[2])]
         if not levels:
             continue
@@ -627,7 +630,7 @@ def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:
     for name, _, _, records in _series(_as_runs(runs)):
         for record in records:
             for check, outcome in sorted((record.get("sanity_checks") or {}).items()):
-                if not outcome["passed"]:
+                if isinstance(outcome, dict) and not outcome["passed"]:
                     lines.append(f"- {name}, level {record['level']}, trial {record.get('trial', 0)}: "
                                  f"**{check}**: {outcome['detail']}")
     if not lines:
@@ -675,7 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(write_report(args.workdirs, args.out, accuracy=args.accuracy))
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

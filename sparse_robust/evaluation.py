@@ -1,14 +1,21 @@
-"""Robust evaluation: accuracy under several attacks, ε sweeps, and sanity checks on the numbers.
+"""Evaluation: ONE batched, mesh-aware evaluator for clean and adversarial accuracy, ε sweeps and
+sanity checks on the numbers.
 
-``apply_fn(variables, x) -> logits`` is the model in eval mode. Data are evaluated in batches of a
-fixed size (the last one padded and masked, so nothing recompiles); batch b attacks with
-``jax.random.fold_in(key, b)``.
+The model convention is the train loop's: ``model_fn(params, model_state, x, train) -> (logits,
+model_state)`` (``training.make_model_fn``), called here in eval mode. An :class:`Evaluator` is
+built once per model function, batch size and mesh, and compiles one program per attack (plus one
+for clean accuracy); params are arguments, so every pruning level and trial reuses the programs.
+
+Data are split in batches of a fixed size: the last one is padded (copies of row 0) and only its
+real rows count, so nothing recompiles. With a mesh, every batch is split across its devices
+(params replicated) and the per-example results are gathered. Keys: the attack labelled ``name``
+attacks batch b with ``fold_in(keys.derive(key, name), b)``, so an attack's numbers depend on its
+label, never on its position among the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -17,114 +24,246 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+from sparse_robust import keys as keys_lib
+from sparse_robust import parallel
 from sparse_robust.attacks import NORMS, Attack, make_attack
 from sparse_robust.checks import check_choice
-from sparse_robust.training import batch_spans, pad_batch
+from sparse_robust.objectives import cross_entropy
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
+ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
 
-_RESERVED_NAMES = ("clean", "worst_case")
+CLEAN = "clean"
+WORST_CASE = "worst_case"
+_RESERVED_NAMES = (CLEAN, WORST_CASE)
+_UNUSED_KEY = np.zeros(2, np.uint32)
 
 
-# --------------------------------------------------------------------------------------------
-# Batching
-
-
-def _check_data(images, labels, batch_size) -> tuple[np.ndarray, np.ndarray]:
+def _check_data(images, labels) -> tuple[np.ndarray, np.ndarray]:
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
     if images.ndim < 2 or labels.shape != images.shape[:1] or images.shape[0] == 0:
         raise ValueError(f"images [N, ...] and labels [N] must be non-empty and share N; got "
                          f"images.shape={images.shape}, labels.shape={labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid; allowed values: integers >= 1.")
     return images, labels.astype(np.int32)
 
 
-def _padded_batches(images, labels, batch_size) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Yields (images, labels, num_valid) batches of exactly min(batch_size, N) rows; the last one
-    is padded (see `training.pad_batch`), and only its first num_valid rows count."""
-    size = min(batch_size, len(images))
-    for start, valid in batch_spans(len(images), size):
-        yield pad_batch(images, start, size), pad_batch(labels, start, size), valid
-
-
-def _num_batches(num_examples: int, batch_size: int) -> int:
-    return math.ceil(num_examples / min(batch_size, num_examples))
-
-
-def _correct(logits, labels):
-    return jnp.argmax(logits, axis=-1) == labels
-
-
-# --------------------------------------------------------------------------------------------
-# Robust accuracy under several attacks
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attacks"))
-def _batch_correct(variables, x, y, key, *, apply_fn, attacks):
-    """Per-example correctness: clean [B] and under each attack [A, B] (attack i uses
-    fold_in(key, i))."""
-    logits_fn = lambda z: apply_fn(variables, z)
-    clean = _correct(logits_fn(x), y)
-    under_attack = [_correct(logits_fn(attack(logits_fn, x, y, jax.random.fold_in(key, i))), y)
-                    for i, (_, attack) in enumerate(attacks)]
-    return clean, jnp.stack(under_attack)
-
-
-def evaluate_robustness(apply_fn: ApplyFn, variables, images, labels,
-                        attacks: Mapping[str, Attack], key, batch_size: int = 1000,
-                        progress: bool = True) -> dict[str, float]:
-    """Accuracy on clean data and under each attack, plus the per-example worst case.
-
-    Returns ``{"clean": acc, <attack name>: acc, ..., "worst_case": acc}``; an example counts for
-    "worst_case" only if it is classified correctly clean and under every attack. In batch b,
-    the i-th attack (in mapping order) uses ``fold_in(fold_in(key, b), i)``.
-    """
-    images, labels = _check_data(images, labels, batch_size)
-    if not attacks:
-        raise ValueError("attacks is empty; pass a mapping from names to `make_attack(...)` attacks.")
+def _check_attacks(attacks: Mapping[str, Callable]) -> None:
     for name, attack in attacks.items():
-        if name in _RESERVED_NAMES or not isinstance(attack, Attack):
+        if name in _RESERVED_NAMES or not callable(attack):
             raise ValueError(f"attacks[{name!r}] is invalid: names must not be {_RESERVED_NAMES} and "
-                             "values must be `Attack`s from `make_attack`.")
-    attack_items = tuple(attacks.items())
-    clean_total, attack_totals, worst_total = 0, np.zeros(len(attack_items), np.int64), 0
-    batches = _padded_batches(images, labels, batch_size)
-    total = _num_batches(len(images), batch_size)
-    for index, (x, y, valid) in enumerate(tqdm(batches, total=total, disable=not progress,
-                                               desc="robust evaluation")):
-        clean, under_attack = _batch_correct(variables, x, y, jax.random.fold_in(key, index),
-                                             apply_fn=apply_fn, attacks=attack_items)
-        clean, under_attack = np.asarray(clean)[:valid], np.asarray(under_attack)[:, :valid]
-        clean_total += clean.sum()
-        attack_totals += under_attack.sum(axis=1)
-        worst_total += (clean & under_attack.all(axis=0)).sum()
-    n = len(images)
-    results = {"clean": clean_total / n}
-    results.update({name: count / n for (name, _), count in zip(attack_items, attack_totals)})
-    results["worst_case"] = worst_total / n
-    return {name: float(value) for name, value in results.items()}
+                             "values must be attacks, `(logits_fn, x, y, key) -> x_adv` (e.g. "
+                             "from `make_attack`).")
 
 
-# --------------------------------------------------------------------------------------------
-# ε sweeps
+def batch_spans(num_examples: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, valid) pairs covering [0, num_examples) in batches of batch_size rows, the last
+    one holding `valid` real rows (pad it with `pad_batch`)."""
+    for start in range(0, num_examples, batch_size):
+        yield start, min(batch_size, num_examples - start)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attack"))
-def _sweep_correct(variables, x, y, key, eps_grid, step_sizes, *, apply_fn, attack):
-    """Per-example correctness [E, B] under `attack` at every ε of the grid (one vmap)."""
-    logits_fn = lambda z: apply_fn(variables, z)
+def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
+    """Rows [start, start+batch_size) of ``array``, padded with copies of row 0 at the end."""
+    chunk = array[start:start + batch_size]
+    if len(chunk) < batch_size:
+        pad = np.repeat(array[:1], batch_size - len(chunk), axis=0)
+        chunk = np.concatenate([chunk, pad])
+    return chunk
 
-    def correct_at(eps, step_size):
-        return _correct(logits_fn(attack(logits_fn, x, y, key, eps=eps, step_size=step_size)), y)
 
-    if step_sizes is None:
-        return jax.vmap(lambda eps: correct_at(eps, None))(eps_grid)
-    return jax.vmap(correct_at)(eps_grid, step_sizes)
+@dataclasses.dataclass(frozen=True)
+class PerExample:
+    """Per-example outcome of one evaluation: correct classification and cross-entropy."""
+    correct: np.ndarray  # bool [N]
+    loss: np.ndarray     # float32 [N]
+
+
+class Evaluator:
+    """Clean and adversarial evaluation of ``(params, model_state)`` on in-memory data.
+
+    Args:
+      model_fn: the model convention of the library (see the module docstring).
+      batch_size: rows per evaluated batch (rounded up to a multiple of the mesh's devices; a
+        dataset smaller than a batch is one batch).
+      mesh: a ``parallel.make_mesh`` mesh: batches are split across its devices; None = one device.
+    """
+
+    def __init__(self, model_fn: ModelFn, *, batch_size: int = 1000, mesh=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid; allowed values: integers >= 1.")
+        self.model_fn, self.batch_size, self.mesh = model_fn, int(batch_size), mesh
+        self._programs: dict = {}
+
+    # ---------------------------------------------------------------- compiled programs
+
+    def _jit(self, fn, num_args: int = 5):
+        """jit ``fn(params, model_state, x, y, key, *rest)`` with the batch split across the mesh
+        (x and y sharded on axis 0, all else replicated, results gathered on every device)."""
+        if self.mesh is None:
+            return jax.jit(fn)
+        rep, data = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
+        return jax.jit(fn, in_shardings=(rep, rep, data, data) + (rep,) * (num_args - 4),
+                       out_shardings=rep)
+
+    def program(self, attack: Optional[Attack]):
+        """The jitted ``(params, model_state, x, y, key) -> (correct [B], loss [B])`` of one attack
+        (None: clean); compiled once per attack and batch shape."""
+        if attack not in self._programs:
+            model_fn = self.model_fn
+
+            def correct_and_loss(params, model_state, x, y, key):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                if attack is not None:
+                    x = attack(logits_fn, x, y, key)
+                logits = logits_fn(x)
+                return jnp.argmax(logits, axis=-1) == y, cross_entropy(logits, y)
+
+            self._programs[attack] = self._jit(correct_and_loss)
+        return self._programs[attack]
+
+    def _adversarial_program(self, attack: Attack):
+        key = ("adversarial", attack)
+        if key not in self._programs:
+            model_fn = self.model_fn
+
+            def adversarial(params, model_state, x, y, key):
+                return attack(lambda z: model_fn(params, model_state, z, False)[0], x, y, key)
+
+            self._programs[key] = self._jit(adversarial)
+        return self._programs[key]
+
+    def _sweep_program(self, attack: Attack, with_step_sizes: bool):
+        key = ("sweep", attack, with_step_sizes)
+        if key not in self._programs:
+            model_fn = self.model_fn
+
+            def sweep(params, model_state, x, y, key, eps_grid, step_sizes):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+
+                def correct_at(eps, step_size):
+                    x_adv = attack(logits_fn, x, y, key, eps=eps, step_size=step_size)
+                    return jnp.argmax(logits_fn(x_adv), axis=-1) == y
+
+                if step_sizes is None:
+                    return jax.vmap(lambda eps: correct_at(eps, None))(eps_grid)
+                return jax.vmap(correct_at)(eps_grid, step_sizes)
+
+            if not with_step_sizes:
+                sweep_fn = lambda p, s, x, y, k, eps: sweep(p, s, x, y, k, eps, None)
+            else:
+                sweep_fn = sweep
+            self._programs[key] = self._jit(sweep_fn, 7 if with_step_sizes else 6)
+        return self._programs[key]
+
+    # ---------------------------------------------------------------- batching
+
+    def _batches(self, images, labels, progress: bool, desc: str):
+        """Yields (index, x, y, valid) with x, y placed on the mesh (batch split)."""
+        shards = parallel.num_shards(self.mesh)
+        size = -(-min(self.batch_size, len(images)) // shards) * shards
+        spans = list(batch_spans(len(images), size))
+        for index, (start, valid) in enumerate(tqdm(spans, disable=not progress, desc=desc,
+                                                    leave=False)):
+            x, y = pad_batch(images, start, size), pad_batch(labels, start, size)
+            if self.mesh is not None:
+                x, y = parallel.put((x, y), parallel.batch_sharded(self.mesh))
+            yield index, x, y, valid
+
+    def _params(self, params, model_state):
+        if self.mesh is None:
+            return params, model_state
+        return parallel.put((params, model_state), parallel.replicated(self.mesh))
+
+    # ---------------------------------------------------------------- public
+
+    def per_example(self, params, model_state, images, labels,
+                    attacks: Optional[Mapping[str, Attack]] = None,
+                    key: Optional[jax.Array] = None, *,
+                    progress: bool = False) -> dict[str, PerExample]:
+        """{"clean": ..., <attack name>: ...} per-example correctness and cross-entropy."""
+        images, labels = _check_data(images, labels)
+        attacks = attacks or {}
+        _check_attacks(attacks)
+        if attacks and key is None:
+            raise ValueError("key=None is invalid with attacks; pass a jax.random key.")
+        params, model_state = self._params(params, model_state)
+        named = [(CLEAN, None)] + list(attacks.items())
+        out = {}
+        for name, attack in named:
+            # The clean program ignores its key: any fixed one keeps the signature uniform.
+            attack_key = _UNUSED_KEY if attack is None else keys_lib.derive(key, name)
+            correct, loss = [], []
+            for index, x, y, valid in self._batches(images, labels, progress, name):
+                c, l = self.program(attack)(params, model_state, x, y,
+                                            jax.random.fold_in(attack_key, index))
+                correct.append(np.asarray(c)[:valid])
+                loss.append(np.asarray(l)[:valid])
+            out[name] = PerExample(np.concatenate(correct), np.concatenate(loss))
+        return out
+
+    def evaluate(self, params, model_state, images, labels,
+                 attacks: Optional[Mapping[str, Attack]] = None, key: Optional[jax.Array] = None,
+                 *, progress: bool = False) -> dict[str, float]:
+        """Mean accuracy and loss, clean and under each attack, plus the per-example worst case.
+
+        Returns ``{"accuracy", "loss", "<name>_accuracy", "<name>_loss" for each attack, and with
+        attacks "worst_case_accuracy"}``: an example counts for the worst case only if it is
+        classified correctly clean and under every attack.
+        """
+        results = self.per_example(params, model_state, images, labels, attacks, key,
+                                   progress=progress)
+        out = {}
+        for name, outcome in results.items():
+            prefix = "" if name == CLEAN else f"{name}_"
+            out[f"{prefix}accuracy"] = float(outcome.correct.mean())
+            out[f"{prefix}loss"] = float(outcome.loss.mean())
+        if attacks:
+            worst = np.logical_and.reduce([r.correct for r in results.values()])
+            out[f"{WORST_CASE}_accuracy"] = float(worst.mean())
+        return out
+
+    def adversarial_examples(self, params, model_state, images, labels, attack: Attack,
+                             key: jax.Array) -> np.ndarray:
+        """The adversarial images of ``attack`` (keys as in :meth:`per_example` for name "adv")."""
+        images, labels = _check_data(images, labels)
+        params, model_state = self._params(params, model_state)
+        attack_key = keys_lib.derive(key, "adv")
+        out = [np.asarray(self._adversarial_program(attack)(
+                   params, model_state, x, y, jax.random.fold_in(attack_key, index)))[:valid]
+               for index, x, y, valid in self._batches(images, labels, False, "adv")]
+        return np.concatenate(out)
+
+    def sweep(self, params, model_state, images, labels, attack: Attack, eps_grid, key,
+              step_size_ratio: Optional[float] = None) -> np.ndarray:
+        """Robust accuracy under ``attack`` at each ε of ``eps_grid`` (float array [E]), vmapped
+        over ε (one compile for the grid).
+
+        Every ε uses the same per-batch keys (common random numbers), so the curve is smoother.
+        Step sizes are ``step_size_ratio · ε``; the ratio defaults to the attack's step_size / eps
+        (FGSM without a step size steps ε; APGD adapts its own).
+        """
+        images, labels = _check_data(images, labels)
+        if not isinstance(attack, Attack):
+            raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from "
+                             "`make_attack`.")
+        eps_grid = np.asarray(eps_grid, np.float32)
+        if eps_grid.ndim != 1 or eps_grid.size == 0 or not np.all(np.isfinite(eps_grid)) \
+                or np.any(eps_grid < 0):
+            raise ValueError(f"eps_grid={eps_grid!r} is invalid; allowed values: a non-empty 1-D "
+                             "array of finite numbers >= 0.")
+        step_sizes = _sweep_step_sizes(attack, eps_grid, step_size_ratio)
+        program = self._sweep_program(attack, step_sizes is not None)
+        params, model_state = self._params(params, model_state)
+        extra = (eps_grid,) if step_sizes is None else (eps_grid, step_sizes)
+        totals = np.zeros(len(eps_grid), np.int64)
+        for index, x, y, valid in self._batches(images, labels, False, "sweep"):
+            correct = program(params, model_state, x, y, jax.random.fold_in(key, index), *extra)
+            totals += np.asarray(correct)[:, :valid].sum(axis=1)
+        return totals / len(images)
 
 
 def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> Optional[np.ndarray]:
@@ -146,30 +285,6 @@ def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> 
         raise ValueError(f"step_size_ratio={step_size_ratio!r} is invalid; allowed values: finite "
                          "numbers >= 0.")
     return (step_size_ratio * eps_grid).astype(np.float32)
-
-
-def epsilon_sweep(apply_fn: ApplyFn, variables, images, labels, attack: Attack, eps_grid, key,
-                  batch_size: int = 1000, step_size_ratio: Optional[float] = None) -> np.ndarray:
-    """Robust accuracy under `attack` at each ε of `eps_grid` (float array [E]), vmapped over ε.
-
-    Every ε uses the same per-batch keys (common random numbers), so the curve is smoother.
-    Step sizes are ``step_size_ratio · ε``; the ratio defaults to the attack's step_size / eps
-    (FGSM without a step size steps ε; APGD adapts its own).
-    """
-    images, labels = _check_data(images, labels, batch_size)
-    if not isinstance(attack, Attack):
-        raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from `make_attack`.")
-    eps_grid = np.asarray(eps_grid, np.float32)
-    if eps_grid.ndim != 1 or eps_grid.size == 0 or not np.all(np.isfinite(eps_grid)) or np.any(eps_grid < 0):
-        raise ValueError(f"eps_grid={eps_grid!r} is invalid; allowed values: a non-empty 1-D array "
-                         "of finite numbers >= 0.")
-    step_sizes = _sweep_step_sizes(attack, eps_grid, step_size_ratio)
-    totals = np.zeros(len(eps_grid), np.int64)
-    for index, (x, y, valid) in enumerate(_padded_batches(images, labels, batch_size)):
-        correct = _sweep_correct(variables, x, y, jax.random.fold_in(key, index), eps_grid,
-                                 step_sizes, apply_fn=apply_fn, attack=attack)
-        totals += np.asarray(correct)[:, :valid].sum(axis=1)
-    return totals / len(images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,27 +389,27 @@ def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
     return attacks
 
 
-def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps: float,
-                      norm: str = "linf", num_steps: int = 20,
+def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels, key, *,
+                      eps: float, norm: str = "linf", num_steps: int = 20,
                       attacks: Optional[Mapping[str, Attack]] = None, sweep_points: int = 5,
-                      large_eps: Optional[float] = None, batch_size: int = 1000,
-                      tolerance_examples: int = 1, chance_slack: float = 0.05,
-                      loss_gap_slack: float = 0.05, progress: bool = False) -> list[Check]:
-    """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep, then runs `sanity_checks` on the results.
+                      large_eps: Optional[float] = None, tolerance_examples: int = 1,
+                      chance_slack: float = 0.05, loss_gap_slack: float = 0.05) -> list[Check]:
+    """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep with `evaluator`, then runs
+    `sanity_checks` on the results.
 
     `attacks` (keys "fgsm", "pgd", "apgd", optionally "apgd_dlr") defaults to
-    `sanity_attacks(eps, norm, num_steps, num_classes)`; the
-    sweep uses attacks["pgd"] at `sweep_points` values of ε in [0, eps] plus `large_eps` (default:
-    the box's width for L∞, its diagonal for L2, enough to reach any input from any other).
-    The PGD step scales with ε in the sweep.
+    `sanity_attacks(eps, norm, num_steps, num_classes)`; the sweep uses attacks["pgd"] at
+    `sweep_points` values of ε in [0, eps] plus `large_eps` (default: the box's width for L∞, its
+    diagonal for L2, enough to reach any input from any other). The PGD step scales with ε.
     """
     check_choice("norm", norm, NORMS)
     if not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps={eps!r} is invalid; allowed values: numbers > 0.")
     if isinstance(sweep_points, bool) or not isinstance(sweep_points, int) or sweep_points < 2:
         raise ValueError(f"sweep_points={sweep_points!r} is invalid; allowed values: integers >= 2.")
-    images, labels = _check_data(images, labels, batch_size)
-    num_classes = jax.eval_shape(lambda z: apply_fn(variables, z), images[:1]).shape[-1]
+    images, labels = _check_data(images, labels)
+    num_classes = jax.eval_shape(lambda x: evaluator.model_fn(params, model_state, x, False)[0],
+                                 images[:1]).shape[-1]
     attacks = dict(sanity_attacks(eps, norm, num_steps, num_classes) if attacks is None
                    else attacks)
     _require_sanity_attacks("attacks", attacks)
@@ -306,12 +421,12 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
         raise ValueError(f"large_eps={large_eps!r} is invalid; allowed values: numbers > eps={eps!r}.")
 
     attack_key, sweep_key = jax.random.split(key)
-    results = evaluate_robustness(apply_fn, variables, images, labels, attacks, attack_key,
-                                  batch_size=batch_size, progress=progress)
+    results = evaluator.evaluate(params, model_state, images, labels, attacks, attack_key)
+    accuracies = {name: results[f"{name}_accuracy"] for name in attacks}
     eps_grid = np.append(np.linspace(0.0, eps, sweep_points), large_eps)
-    sweep = epsilon_sweep(apply_fn, variables, images, labels, attacks["pgd"], eps_grid, sweep_key,
-                          batch_size=batch_size)
-    return sanity_checks(clean_accuracy=results["clean"], attack_accuracies=results,
+    sweep = evaluator.sweep(params, model_state, images, labels, attacks["pgd"], eps_grid,
+                            sweep_key)
+    return sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
                          eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
                          num_classes=num_classes, tolerance_examples=tolerance_examples,
                          chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)

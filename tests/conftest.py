@@ -91,3 +91,85 @@ def tiny_mlp():
 @pytest.fixture(scope="session")
 def tiny_conv_bn():
     return TinyConvBN
+
+
+# ---------------------------------------------------------------------------- tiny real runs
+
+TINY_CONFIG = '''
+from experiments.configs import quickstart
+
+
+def get_config():
+    config = quickstart.get_config()
+    config.progress = False
+    config.data.update(source="idx", data_dir={data_dir!r}, validation_size=100)
+    config.model.name = "lenet-300-100"
+    config.train.update(num_steps={num_steps}, batch_size=20)
+    config.attacks.pgd.num_steps = 2
+    config.eval.update(every=20, num_examples=100, batch_size=100, attacks="fgsm",
+                       sanity_examples=0)
+    config.checkpoint_every = 20
+    config.prune.levels = 2
+    config.parallel.num_devices = 1
+    return config
+'''
+
+
+@pytest.fixture(scope="session")
+def idx_data_dir(tmp_path_factory):
+    """A small "fashion_mnist" as IDX files (600 train, 200 test images of 8x8), learnable."""
+    from sparse_robust import data
+    path = tmp_path_factory.mktemp("idx_data")
+    synthetic = data.make_synthetic(0, num_train=600, num_val=0, num_test=200,
+                                    image_shape=(8, 8, 1))
+    for prefix, images, labels in (("train", synthetic.train_images, synthetic.train_labels),
+                                   ("t10k", synthetic.test_images, synthetic.test_labels)):
+        data.write_idx(path / f"{prefix}-images-idx3-ubyte.gz",
+                       np.round(255 * images[..., 0]).astype(np.uint8))
+        data.write_idx(path / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config_file(idx_data_dir, tmp_path_factory):
+    """make(num_steps) -> the path of a config file of a tiny lottery run on idx_data_dir."""
+    directory = tmp_path_factory.mktemp("configs")
+
+    def make(num_steps: int = 40) -> str:
+        path = directory / f"tiny_{num_steps}.py"
+        path.write_text(TINY_CONFIG.format(data_dir=str(idx_data_dir), num_steps=num_steps))
+        return str(path)
+
+    return make
+
+
+def load_config(path: str):
+    """get_config() of a config file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="session", name="load_config")
+def _load_config():
+    return load_config
+
+
+def tree_digest(path) -> dict:
+    """{relative path: sha256 of contents} of every file under ``path`` (not timestamps)."""
+    import hashlib
+    import os
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="session", name="tree_digest")
+def _tree_digest():
+    return tree_digest

@@ -1,14 +1,14 @@
 """Tests for experiments.report on fake workdirs with known numbers (2 trials × 3 levels)."""
 
-import json
 import os
 import re
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import report
+from sparse_robust.runs import store
+from sparse_robust.runs.layout import Layout
 
 ATTACKS = ("fgsm", "pgd", "worst_case")
 NUM_TRIALS, NUM_LEVELS = 2, 3
@@ -41,39 +41,37 @@ def record(numbers, trial, level, **extra) -> dict:
 
 
 def write_workdir(path, numbers, strategy="rewind_init", checkpoints=True, seed=0, records=None):
-    """A workdir as lottery.run leaves it; records written in reverse level order."""
-    os.makedirs(path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"prune": {"strategy": strategy}, "train": {"objective": "mixed"},
-                   "data": {"name": "fashion_mnist"}}, f)
+    """A workdir as the pipeline leaves it (written through its layout); records in reverse
+    level order."""
+    layout = Layout(str(path))
+    store.write_json(layout.config, {"prune": {"strategy": strategy},
+                                     "train": {"objective": "mixed"},
+                                     "data": {"name": "fashion_mnist"}})
     rng = np.random.default_rng(seed)
     if records is None:
         records = [record(numbers, t, lvl) for t in range(NUM_TRIALS)
                    for lvl in reversed(range(NUM_LEVELS))]
-    with open(os.path.join(path, "summary.json"), "w") as f:
-        json.dump(records, f)
-    for t in range(NUM_TRIALS):
-        for lvl in range(NUM_LEVELS):
-            level_path = os.path.join(path, f"trial_{t}", f"level_{lvl:02d}")
-            os.makedirs(level_path)
-            with open(os.path.join(level_path, "metrics.jsonl"), "w") as f:
-                for i, step in enumerate(STEPS):
-                    metrics = {"loss": 1.0, "accuracy": 0.9, "adv_loss": 2.0,
-                               "adv_accuracy": float(numbers["curve"][t, lvl, i])}
-                    f.write(json.dumps({"step": step, "train": {"loss": 1.0, "accuracy": 0.9},
-                                        "train_seconds": 0.1 * step, "val": metrics,
-                                        "test": metrics}) + "\n")
-            if checkpoints:
-                mask = {n: rng.random(s) < 0.8 ** lvl for n, s in LAYER_SHAPES.items()}
-                np.savez(os.path.join(level_path, "mask.npz"), **mask)
-                params = {"dense_0": {"kernel": rng.normal(size=LAYER_SHAPES["dense_0/kernel"])},
-                          "output": {"kernel": rng.normal(size=LAYER_SHAPES["output/kernel"]),
-                                     "bias": np.zeros(3)}}
-                params = {k: {n: v.astype(np.float32) for n, v in d.items()}
-                          for k, d in params.items()}
-                with ocp.StandardCheckpointer() as checkpointer:
-                    checkpointer.save(os.path.join(level_path, "final_variables"),
-                                      (params, {"batch_stats": {"mean": np.zeros(2, np.float32)}}))
+    store.write_json(layout.summary, records)
+    for r in sorted(records, key=lambda r: (r["trial"], r["level"], r.get("branch") or "")):
+        t, lvl = r["trial"], r["level"]
+        files = layout.unit(t, lvl, r.get("branch"))
+        history = []
+        for i, step in enumerate(STEPS):
+            metrics = {"loss": 1.0, "accuracy": 0.9, "adv_loss": 2.0,
+                       "adv_accuracy": float(numbers["curve"][t, lvl, i])}
+            history.append({"step": step, "train": {"loss": 1.0, "accuracy": 0.9},
+                            "train_seconds": 0.1 * step, "val": metrics, "test": metrics})
+        store.write_jsonl(files.metrics, history)
+        if checkpoints:
+            mask = {n: rng.random(s) < 0.8 ** lvl for n, s in LAYER_SHAPES.items()}
+            np.savez(files.mask, **mask)
+            params = {"dense_0": {"kernel": rng.normal(size=LAYER_SHAPES["dense_0/kernel"])},
+                      "output": {"kernel": rng.normal(size=LAYER_SHAPES["output/kernel"]),
+                                 "bias": np.zeros(3)}}
+            params = {k: {n: v.astype(np.float32) for n, v in d.items()}
+                      for k, d in params.items()}
+            store.save_tree(files.final_variables,
+                            (params, {"batch_stats": {"mean": np.zeros(2, np.float32)}}))
     return str(path)
 
 
@@ -186,7 +184,7 @@ def test_attack_missing_from_a_run_is_a_dash(tmp_path):
 
 def test_method_rows(tmp_path):
     numbers = known_numbers(5)
-    records = [record(numbers, t, lvl, method=m) for m in ("inverse_inheritance", "hydra")
+    records = [record(numbers, t, lvl, branch=m) for m in ("inverse_inheritance", "hydra")
                for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
     path = write_workdir(tmp_path / "methods", numbers, checkpoints=False, records=records)
     run = report.load_run(path)
@@ -212,11 +210,10 @@ def test_learning_curves_average_trials(workdirs):
 def test_surviving_weights_are_the_masked_params(tmp_path):
     numbers = known_numbers(6)
     path = write_workdir(tmp_path / "w", numbers, seed=7)
-    level_path = os.path.join(path, "trial_1", "level_02")
-    weights = report.surviving_weights(level_path)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(level_path, "final_variables"))[0]
-    mask = np.load(os.path.join(level_path, "mask.npz"))
+    files = Layout(path).unit(1, 2)
+    weights = report.surviving_weights(files)
+    params = store.load_tree_raw(files.final_variables)[0]
+    mask = np.load(files.mask)
     assert set(weights) == set(LAYER_SHAPES)
     for name in LAYER_SHAPES:
         layer, leaf = name.split("/")
