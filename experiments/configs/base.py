@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
         "batch_size": 1_000,
         "attack": "fgsm",          # attack of the periodic measurements
         "attacks": "fgsm,pgd",     # attacks of the final test evaluation, comma-separated labels
+        "final_examples": 0,       # test images of the final evaluation (0 = all)
         "early_stop_metric": "objective",  # lowest validation value of: objective | clean_loss | adv_loss
         # Gradient-masking checks on this many test images after each level (0 = off):
         # monotone in ε, ε=0 equals clean, PGD ≤ FGSM, APGD ≤ PGD, large ε reaches chance,

@@ -50,6 +50,7 @@ class EvalPlan:
     attacks: Mapping[str, attacks_lib.Attack]          # the final evaluation's, by label
     batch_size: int = 1000
     num_examples: int = 0                              # periodic prefix size, 0 = all
+    final_examples: int = 0                            # final evaluation's prefix, 0 = all
     # The validation value early stopping minimises: "objective", "clean_loss", "adv_loss", or a
     # function of the validation metrics ({"accuracy", "loss", "adv_accuracy", "adv_loss"}).
     early_stop_metric: Union[str, Callable[[Mapping[str, float]], float]] = "objective"
@@ -236,6 +237,8 @@ def _check_sizes(config, dataset: data_lib.Dataset, mesh) -> None:
                           f"{dataset.num_train} training images remain after the validation split.")
     smallest = min(dataset.num_val, dataset.num_test)
     for path, value, limit in (("eval.num_examples", evaluation_.num_examples, smallest),
+                               ("eval.final_examples", evaluation_.final_examples,
+                                dataset.num_test),
                                ("eval.sanity_examples", evaluation_.sanity_examples,
                                 dataset.num_test),
                                ("diagnostics.num_examples", config.diagnostics.num_examples,
@@ -292,6 +295,7 @@ def from_config(config: ml_collections.ConfigDict,
         attacks={label: schema.build_attack(config, label, "eval.attacks")
                  for label in schema.attack_labels(config)},
         batch_size=ev.batch_size, num_examples=ev.num_examples,
+        final_examples=ev.final_examples,
         early_stop_metric=ev.early_stop_metric, sanity_examples=ev.sanity_examples,
         diagnostics_examples=config.diagnostics.num_examples,
         diagnostics_iters=config.diagnostics.num_iters)

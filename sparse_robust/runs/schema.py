@@ -73,6 +73,8 @@ FIELDS: tuple[Field, ...] = (
     field("eval.batch_size", integer(1), "Evaluation batch size (split across devices)."),
     field("eval.attack", text(), "Label of the attack of the periodic measurements."),
     field("eval.attacks", text(), "Comma-separated labels of the final test evaluation's attacks."),
+    field("eval.final_examples", integer(0),
+          "Test images of the final evaluation (the first N; 0 = the whole test set)."),
     field("eval.early_stop_metric", choice(EARLY_STOP_METRICS),
           "The validation value early stopping minimises."),
     field("eval.sanity_examples", integer(0),

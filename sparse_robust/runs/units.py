@@ -97,10 +97,10 @@ def _attack_settings(attack) -> dict:
 
 
 def accuracies(ctx: Context, params, model_state, key: jax.Array) -> dict:
-    """{"clean": ..., <label>: ..., "worst_case": ...} on the whole test set."""
-    dataset = ctx.dataset
-    measured = ctx.evaluator.evaluate(params, model_state, dataset.test_images,
-                                      dataset.test_labels, ctx.eval.attacks, key,
+    """{"clean": ..., <label>: ..., "worst_case": ...} on the final evaluation's test images."""
+    n = ctx.eval.final_examples or None
+    measured = ctx.evaluator.evaluate(params, model_state, ctx.dataset.test_images[:n],
+                                      ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
                                       progress=ctx.progress.enabled)
     out = {"clean": measured["accuracy"]}
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
@@ -153,6 +153,7 @@ def record_of(unit: Unit, outcome: fit_lib.FitOutcome, final: dict, best: dict, 
         "early_stop_clean_accuracy": best["clean"],
         "early_stop_robust_accuracy": robust(best),
         "attacks": {label: _attack_settings(a) for label, a in unit.ctx.eval.attacks.items()},
+        "test_examples": unit.ctx.eval.final_examples or unit.ctx.dataset.num_test,
         "layer_weights_remaining": masks_lib.layer_weights_remaining(unit.mask),
         "steps": steps,
         "train_seconds": outcome.train_seconds,
