@@ -96,17 +96,19 @@ def tiny_conv_bn():
 # ---------------------------------------------------------------------------- tiny real runs
 
 TINY_CONFIG = '''
-from experiments.configs import quickstart
+from experiments.configs import base
 
 
 def get_config():
-    config = quickstart.get_config()
+    config = base.get_config()
     config.progress = False
+    config.num_trials = 1
     config.data.update(source="idx", data_dir={data_dir!r}, validation_size=100)
     config.model.name = "lenet-300-100"
     config.train.update(num_steps={num_steps}, batch_size=20)
     config.attacks.pgd.num_steps = 2
-    config.eval.update(every=20, num_examples=100, batch_size=100, attacks="fgsm",
+    config.train.attack = "pgd"
+    config.eval.update(every=20, num_examples=100, batch_size=100, attack="pgd", attacks="fgsm",
                        sanity_examples=0)
     config.checkpoint_every = 20
     config.prune.levels = 2

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.configs import quickstart
+from experiments.configs import base
 from sparse_robust import data, masks, models, pruning
 from sparse_robust.objectives import Objective
 from sparse_robust.runs import context, lottery, pipeline, store
@@ -24,8 +24,10 @@ def dataset():
 
 
 def tiny_config(**overrides):
-    config = quickstart.get_config()
+    config = base.get_config()
     config.progress = False
+    config.num_trials = 1
+    config.train.attack = config.eval.attack = "pgd"
     config.model.name = "lenet-300-100"
     config.train.num_steps = 20
     config.train.batch_size = 20

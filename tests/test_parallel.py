@@ -71,9 +71,9 @@ SCRIPT = textwrap.dedent("""
             "x_spec": [str(a) for a in x_sharding.spec], "x_devices": len(x_sharding.device_set),
             "x_shard_rows": [s.data.shape[0] for s in x.addressable_shards]}
     # A batch that does not divide across the 8 devices is refused before anything is built.
-    from experiments.configs import quickstart
+    from experiments.configs import base
     from sparse_robust.runs import context, errors
-    config = quickstart.get_config()
+    config = base.get_config()
     config.train.batch_size = 60
     config.eval.update(num_examples=0, sanity_examples=0, batch_size=40)
     try:
