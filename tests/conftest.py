@@ -175,3 +175,62 @@ def tree_digest(path) -> dict:
 @pytest.fixture(scope="session", name="tree_digest")
 def _tree_digest():
     return tree_digest
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+class Interrupt(Exception):
+    """Raised by the train loop of `interrupt_train_loop`, as a kill would stop a run."""
+
+
+@pytest.fixture
+def interrupt_train_loop(monkeypatch):
+    """interrupt(at) makes the at-th call of any context's train loop raise `Interrupt` (and
+    returns the call counter); undone at the end of the test or with monkeypatch.undo()."""
+    from sparse_robust.runs import context
+    real_loop = context.Context.train_loop
+
+    def interrupt(at: int) -> dict:
+        calls = {"n": 0}
+
+        def train_loop(self, trials=1):
+            loop = real_loop(self, trials)
+
+            def run(*args):
+                calls["n"] += 1
+                if calls["n"] == at:
+                    raise Interrupt
+                return loop(*args)
+            return run
+
+        monkeypatch.setattr(context.Context, "train_loop", train_loop)
+        return calls
+
+    interrupt.error = Interrupt
+    return interrupt
+
+
+def set_field(config, dotted: str, value) -> None:
+    """config.a.b.c = value, from "a.b.c"."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+@pytest.fixture(scope="session", name="set_field")
+def _set_field():
+    return set_field
+
+
+@pytest.fixture
+def one_error_line(capsys):
+    """The one line a failed CLI run printed on stderr (checked to be exactly one `error:`)."""
+    def read() -> str:
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    read.clear = capsys.readouterr  # forget what was printed before the run under test
+    return read

@@ -9,17 +9,12 @@ import zipfile
 import numpy as np
 import pytest
 
+from conftest import set_field
 from experiments import main as cli
 
 
 def setter(dotted, value):
-    def change(config):
-        *parents, leaf = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return change
+    return lambda config: set_field(config, dotted, value)
 
 
 def deleter(dotted):
@@ -164,13 +159,11 @@ def finished(tiny_config_file, load_config, tmp_path_factory):
     return config_file, path
 
 
-def run_cli(config, workdir, capsys, overwrite=True) -> str:
-    """The CLI's run; returns its one error line (and checks it is exactly one)."""
-    capsys.readouterr()
+def run_cli(config, workdir, read_error, overwrite=True) -> str:
+    """The CLI's run; returns its one error line."""
+    read_error.clear()
     assert cli.run_and_report(config, workdir, overwrite) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    return read_error()
 
 
 def test_the_table_is_large_enough():
@@ -179,25 +172,26 @@ def test_the_table_is_large_enough():
 
 @pytest.mark.parametrize("change, expected", [c[1:] for c in CONFIG_CASES],
                          ids=[c[0] for c in CONFIG_CASES])
-def test_bad_config(finished, load_config, tmp_path, tree_digest, capsys, change, expected):
+def test_bad_config(finished, load_config, tmp_path, tree_digest, one_error_line, change,
+               expected):
     config_file, original = finished
     config = load_config(config_file)
     change(config)
     fresh = str(tmp_path / "fresh")
-    assert expected in run_cli(config, fresh, capsys)
+    assert expected in run_cli(config, fresh, one_error_line)
     assert not os.path.exists(fresh)  # nothing created, nothing claimed
     existing = str(tmp_path / "existing")
     shutil.copytree(original, existing)
     before = tree_digest(existing)
-    assert expected in run_cli(config, existing, capsys)
+    assert expected in run_cli(config, existing, one_error_line)
     assert tree_digest(existing) == before
     assert sorted(os.listdir(tmp_path)) == ["existing"]  # nothing moved aside
 
 
 @pytest.mark.parametrize("damage, expected", [c[1:] for c in DATA_CASES],
                          ids=[c[0] for c in DATA_CASES])
-def test_bad_data(finished, load_config, idx_data_dir, tmp_path, tree_digest, capsys, damage,
-                  expected):
+def test_bad_data(finished, load_config, idx_data_dir, tmp_path, tree_digest, one_error_line,
+                  damage, expected):
     config_file, original = finished
     data_dir = str(tmp_path / "data")
     damage(str(idx_data_dir), data_dir)
@@ -206,20 +200,21 @@ def test_bad_data(finished, load_config, idx_data_dir, tmp_path, tree_digest, ca
     existing = str(tmp_path / "existing")
     shutil.copytree(original, existing)
     before = tree_digest(existing)
-    message = run_cli(config, existing, capsys)
+    message = run_cli(config, existing, one_error_line)
     assert expected in message and data_dir in message
     assert tree_digest(existing) == before
 
 
 @pytest.mark.parametrize("damage, expected", [c[1:] for c in WORKDIR_CASES],
                          ids=[c[0] for c in WORKDIR_CASES])
-def test_damaged_workdir(finished, load_config, tmp_path, tree_digest, capsys, damage, expected):
+def test_damaged_workdir(finished, load_config, tmp_path, tree_digest, one_error_line, damage,
+                        expected):
     config_file, original = finished
     existing = str(tmp_path / "existing")
     shutil.copytree(original, existing)
     damage(existing)
     before = tree_digest(existing)
-    message = run_cli(load_config(config_file), existing, capsys, overwrite=False)
+    message = run_cli(load_config(config_file), existing, one_error_line, overwrite=False)
     assert expected in message
     assert tree_digest(existing) == before
 
@@ -230,11 +225,11 @@ def test_a_mask_is_a_zip_archive(finished):
 
 
 def test_a_diverging_config_stops_with_the_step_and_valid_metrics(tiny_config_file, load_config,
-                                                                  tmp_path, capsys):
+                                                                  tmp_path, one_error_line):
     config = load_config(tiny_config_file(20))
     config.train.update(optimizer="sgd", learning_rate=1e20, momentum=0.0)  # finite, absurd
     path = str(tmp_path / "run")
-    message = run_cli(config, path, capsys, overwrite=False)
+    message = run_cli(config, path, one_error_line, overwrite=False)
     assert "training diverged in trial 0 level 0: the loss is nan at step" in message
     assert "config.train.learning_rate" in message
     import json
@@ -245,7 +240,7 @@ def test_a_diverging_config_stops_with_the_step_and_valid_metrics(tiny_config_fi
 
 
 def test_a_full_disk_is_one_line_and_the_run_then_resumes(finished, load_config, tmp_path,
-                                                          capsys, monkeypatch):
+                                                          one_error_line, monkeypatch):
     import errno
     config_file, original = finished
     path = str(tmp_path / "run")
@@ -257,7 +252,7 @@ def test_a_full_disk_is_one_line_and_the_run_then_resumes(finished, load_config,
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", disk_full_at_level_1)
-    message = run_cli(load_config(config_file), path, capsys, overwrite=False)
+    message = run_cli(load_config(config_file), path, one_error_line, overwrite=False)
     assert "level_01/result.json: the disk is full" in message
     assert "run the same command again to resume" in message
     monkeypatch.undo()
@@ -272,7 +267,8 @@ def test_a_full_disk_is_one_line_and_the_run_then_resumes(finished, load_config,
 
 
 def test_a_checkpoint_write_refused_by_the_disk_is_one_line(tiny_config_file, load_config,
-                                                            tmp_path, capsys, monkeypatch):
+                                                            tmp_path, one_error_line,
+                                                            monkeypatch):
     """orbax wraps the OSError of a failed write in its own exception: the cause is found."""
     import errno
     from sparse_robust.runs import store
@@ -284,6 +280,6 @@ def test_a_checkpoint_write_refused_by_the_disk_is_one_line(tiny_config_file, lo
             raise RuntimeError("orbax: save failed") from err
 
     monkeypatch.setattr(store.ocp.StandardCheckpointer, "save", refuse)
-    message = run_cli(load_config(tiny_config_file(20)), str(tmp_path / "run"), capsys,
+    message = run_cli(load_config(tiny_config_file(20)), str(tmp_path / "run"), one_error_line,
                       overwrite=False)
     assert "init_params: the file system is read-only" in message

@@ -18,10 +18,6 @@ from sparse_robust.runs.layout import UnitFiles
 NUM_STEPS, EVAL_EVERY = 30, 10
 
 
-class Interrupt(Exception):
-    pass
-
-
 def negative_loss_context(tiny_mlp, optimizer=None, **options):
     """A tiny MLP on a learnable problem whose early stopping *maximises* the validation loss:
     training lowers it, so the first evaluation is the best and the early-stopping weights are
@@ -55,25 +51,13 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_resume_restores_the_early_stopping_weights(ctx, tmp_path, monkeypatch):
+def test_resume_restores_the_early_stopping_weights(ctx, tmp_path, interrupt_train_loop,
+                                                    monkeypatch):
     [reference] = fit.fit(ctx, [job(ctx, tmp_path / "reference")])
     assert reference.best_step == EVAL_EVERY < NUM_STEPS  # an early step is the best
 
-    calls = {"n": 0}
-    real_loop = context.Context.train_loop
-
-    def interrupting(self, trials=1):
-        loop = real_loop(self, trials)
-
-        def run(*args):
-            calls["n"] += 1
-            if calls["n"] == 3:  # the last chunk, after the checkpoint at step 20
-                raise Interrupt
-            return loop(*args)
-        return run
-
-    monkeypatch.setattr(context.Context, "train_loop", interrupting)
-    with pytest.raises(Interrupt):
+    interrupt_train_loop(at=3)  # the last chunk, after the checkpoint at step 20
+    with pytest.raises(interrupt_train_loop.error):
         fit.fit(ctx, [job(ctx, tmp_path / "resumed")])
     monkeypatch.undo()
     [resumed] = fit.fit(ctx, [job(ctx, tmp_path / "resumed")])

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import set_field
 from experiments.configs import base
 from sparse_robust import data, masks, models, pruning
 from sparse_robust.objectives import Objective
@@ -41,11 +42,7 @@ def tiny_config(**overrides):
     config.prune.levels = 2
     config.parallel.num_devices = 1
     for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(config, dotted, value)
     return config
 
 
@@ -181,30 +178,15 @@ def test_masks_shrink_and_summary_has_design_fields(tmp_path, dataset):
             assert np.all(~newer[name] | older[name])
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_resume_after_interruption_gives_the_same_summary(tmp_path, dataset, monkeypatch):
+def test_resume_after_interruption_gives_the_same_summary(tmp_path, dataset,
+                                                          interrupt_train_loop):
     config = tiny_config(**{"train.num_steps": 30})
     reference = pipeline.run(config, str(tmp_path / "reference"), dataset=dataset)
 
-    # Interrupt the second level after its second chunk (step 20; last checkpoint at step 20).
-    real_loop = context.Context.train_loop
-    calls = {"n": 0}
-
-    def interrupting(self, trials=1):
-        loop = real_loop(self, trials)
-
-        def run(*args):
-            calls["n"] += 1
-            if calls["n"] == 6:  # 3 chunks at level 0, then the 3rd chunk of level 1
-                raise Interrupt
-            return loop(*args)
-        return run
-
-    monkeypatch.setattr(context.Context, "train_loop", interrupting)
-    with pytest.raises(Interrupt):
+    # Interrupt the second level after its second chunk (step 20; last checkpoint at step 20):
+    # 3 chunks at level 0, then the 3rd chunk of level 1.
+    calls = interrupt_train_loop(at=6)
+    with pytest.raises(interrupt_train_loop.error):
         pipeline.run(config, str(tmp_path / "resumed"), dataset=dataset)
     partial = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert [r["level"] for r in partial] == [0]

@@ -62,29 +62,12 @@ def test_trials_at_once_write_what_sequential_trials_write(sequential, dataset, 
                 == ["30"]
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_an_interrupted_stacked_run_resumes_to_the_same_records(sequential, dataset, tmp_path,
-                                                                monkeypatch):
+                                                                interrupt_train_loop, monkeypatch):
     _, seq_records = sequential
-    real_loop = context.Context.train_loop
-    calls = {"n": 0}
-
-    def interrupting(self, trials=1):
-        loop = real_loop(self, trials)
-
-        def run(*args):
-            calls["n"] += 1
-            if calls["n"] == 5:  # level 1, its second chunk (after the step-10 checkpoint)
-                raise Interrupt
-            return loop(*args)
-        return run
-
-    monkeypatch.setattr(context.Context, "train_loop", interrupting)
+    interrupt_train_loop(at=5)  # level 1, its second chunk (after the step-10 checkpoint)
     path = str(tmp_path / "together")
-    with pytest.raises(Interrupt):
+    with pytest.raises(interrupt_train_loop.error):
         pipeline.run(config(NUM_TRIALS), path, dataset=dataset)
     monkeypatch.undo()
     # Resume with the trials one by one: trials_at_once does not change results.

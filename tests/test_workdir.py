@@ -45,12 +45,6 @@ def wait_for(path, timeout=120):
         time.sleep(0.05)
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.fixture(scope="module")
 def finished(tiny_config_file, load_config, tmp_path_factory):
     """A finished tiny run: (config file, workdir)."""
@@ -61,7 +55,7 @@ def finished(tiny_config_file, load_config, tmp_path_factory):
 
 
 def test_two_processes_on_one_workdir_one_runs_the_other_is_refused(
-        tiny_config_file, load_config, tmp_path, capsys):
+        tiny_config_file, load_config, tmp_path, one_error_line):
     config_file = tiny_config_file(200)
     path = tmp_path / "run"
     first = start_cli(config_file, path)
@@ -69,13 +63,13 @@ def test_two_processes_on_one_workdir_one_runs_the_other_is_refused(
     assert holder["pid"] == first.pid
     code = cli.run_and_report(load_config(config_file), str(path))
     assert code == 2
-    message = one_error_line(capsys)
+    message = one_error_line()
     assert f"in use by another run (pid {first.pid} on {holder['host']} since" in message
     # An --overwrite with another config is refused the same way, while the run is live.
     changed = load_config(config_file)
     changed.train.learning_rate = 2e-3
     assert cli.run_and_report(changed, str(path), overwrite=True) == 2
-    assert "in use by another run" in one_error_line(capsys)
+    assert "in use by another run" in one_error_line()
     assert first.wait(timeout=300) == 0, first.communicate()
     records = store.read_json(Layout(str(path)).summary)
     assert [r["level"] for r in records] == [0, 1, 2]
@@ -84,7 +78,7 @@ def test_two_processes_on_one_workdir_one_runs_the_other_is_refused(
     assert not any(name.startswith("run.replaced") for name in os.listdir(tmp_path))
 
 
-def test_a_killed_holders_lock_is_taken_over(tiny_config_file, load_config, tmp_path, capsys):
+def test_a_killed_holders_lock_is_taken_over(tiny_config_file, load_config, tmp_path):
     config_file = tiny_config_file(200)
     path = tmp_path / "run"
     first = start_cli(config_file, path)
@@ -100,7 +94,7 @@ def test_a_killed_holders_lock_is_taken_over(tiny_config_file, load_config, tmp_
 
 
 def test_overwrite_never_touches_a_directory_that_is_not_a_workdir(
-        finished, load_config, tmp_path, tree_digest, capsys):
+        finished, load_config, tmp_path, tree_digest, one_error_line):
     config_file, _ = finished
     thesis = tmp_path / "thesis"
     thesis.mkdir()
@@ -110,12 +104,12 @@ def test_overwrite_never_touches_a_directory_that_is_not_a_workdir(
     before = tree_digest(thesis)
     for overwrite in (False, True):
         assert cli.run_and_report(load_config(config_file), str(thesis), overwrite) == 2
-        assert "is not a sparse_robust workdir" in one_error_line(capsys)
+        assert "is not a sparse_robust workdir" in one_error_line()
         assert tree_digest(thesis) == before
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
     assert cli.run_and_report(load_config(config_file), str(a_file), True) == 2
-    assert "is not a sparse_robust workdir" in one_error_line(capsys)
+    assert "is not a sparse_robust workdir" in one_error_line()
     assert a_file.read_text() == "keep me"
 
 
@@ -131,7 +125,7 @@ def copy_of(path, tmp_path):
     (lambda c: c.train.update(batch_size=5000), "config.train.batch_size = 5000 is invalid"),
 ])
 def test_overwrite_that_fails_a_check_leaves_the_old_run_as_it_was(
-        finished, load_config, tmp_path, tree_digest, capsys, change, message):
+        finished, load_config, tmp_path, tree_digest, one_error_line, change, message):
     config_file, original = finished
     path = copy_of(original, tmp_path)
     before = tree_digest(path)
@@ -139,20 +133,20 @@ def test_overwrite_that_fails_a_check_leaves_the_old_run_as_it_was(
     config.train.learning_rate = 2e-3  # another config...
     change(config)                      # ...that fails a check before any compute
     assert cli.run_and_report(config, path, overwrite=True) == 2
-    assert message in one_error_line(capsys)
+    assert message in one_error_line()
     assert tree_digest(path) == before
     assert os.listdir(tmp_path) == ["run"]  # nothing moved aside
 
 
 def test_overwrite_moves_the_old_run_aside_and_starts_afresh(
-        finished, load_config, tmp_path, tree_digest, capsys):
+        finished, load_config, tmp_path, tree_digest, one_error_line):
     config_file, original = finished
     path = copy_of(original, tmp_path)
     before = tree_digest(path)
     config = load_config(config_file)
     config.prune.levels = 1
     assert cli.run_and_report(config, path) == 2  # another config without --overwrite
-    assert "holds a run with another config (prune.levels: 2 -> 1)" in one_error_line(capsys)
+    assert "holds a run with another config (prune.levels: 2 -> 1)" in one_error_line()
     assert tree_digest(path) == before
     assert cli.run_and_report(config, path, overwrite=True) == 0
     moved = [name for name in os.listdir(tmp_path) if name.startswith("run.replaced-")]
