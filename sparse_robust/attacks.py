@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import types
 from typing import Any, Optional
 
@@ -99,34 +98,27 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arra
 
 
 def apgd_checkpoints(num_steps: int) -> list[int]:
-    """Iterations w_j = ceil(p_j · num_steps) at which APGD may halve its step size, with
-    p_0 = 0, p_1 = 0.22 and p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06); w_0 = 0 excluded."""
-    fractions = [0.0, 0.22]
-    while fractions[-1] <= 1.0:
-        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
-    # Rounding first keeps 0.41 * 100 from becoming 41.000000000000004 -> 42.
-    steps = {math.ceil(round(p * num_steps, 6)) for p in fractions if p <= 1.0}
-    return sorted(s for s in steps if 0 < s <= num_steps)
+    """Iterations at which APGD may halve its step size, placed as the reference implementation
+    (fra31/auto-attack) places them: the first after k_1 = max(⌊0.22·N⌋, 1) steps, then every
+    k_{j+1} = max(k_j − max(⌊0.03·N⌋, 1), max(⌊0.06·N⌋, 1)) steps, N = num_steps.
 
-
-def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps, num_steps: int,
-         norm: str = "linf", loss: str = "ce", restarts: int = 1, rho: float = 0.75,
-         clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
-    """Auto-PGD (Croce & Hein 2020, Algorithm 1) with per-example step sizes.
-
-    Starts uniformly in the ε-ball (as `pgd`), steps with η = 2ε and momentum α = 0.75, and at each
-    checkpoint w_j (`apgd_checkpoints`) halves η and restarts from the best point of an example when
-    (1) fewer than rho·(w_j − w_{j−1}) of its steps since w_{j−1} increased the loss, or (2) η was
-    not halved at w_{j−1} and the best loss did not improve since. Uses num_steps + 1 gradient
-    evaluations. Returns per example the worst point seen (misclassified first, then highest loss).
-    Losses: "ce" and "dlr" (difference of logits ratio, needs >= 3 classes). Restarts as in `pgd`.
+    The paper's w_j = ⌈p_j·N⌉ gives the same points for N = 100 but not for short runs
+    (N = 20: 5, 9, 12, … against 4, 7, 9, 10, …); AutoAttack's numbers come from the reference.
+    Integer arithmetic here equals the reference's int(0.22 * N) etc. for every N < 5000.
     """
-    parts.check_settings("apgd", dict(eps=eps, num_steps=num_steps, norm=norm, loss=loss,
-                                 restarts=restarts, rho=rho, clip_min=clip_min, clip_max=clip_max))
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=True)
-    objective = parts.make_objective(logits_fn, x, y, loss, targeted=False)
-    eps = parts.as_float(eps, x)
+    interval = max(22 * num_steps // 100, 1)
+    shrink, shortest = max(3 * num_steps // 100, 1), max(6 * num_steps // 100, 1)
+    checkpoints, at = [], interval
+    while at <= num_steps:
+        checkpoints.append(at)
+        interval = max(interval - shrink, shortest)
+        at += interval
+    return checkpoints
+
+
+def _apgd_run(objective, x, start, eps, *, num_steps: int, norm: str, rho: float,
+              clip_min: float, clip_max: float):
+    """One APGD run from `start`: the worst (x_adv, success, objective) triple it visits."""
     checkpoints = apgd_checkpoints(num_steps)
     # Static per-iteration tables: is iteration i (producing x^(i+1)) a checkpoint, and how long
     # was the interval that ends there.
@@ -156,7 +148,8 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
         worst = parts.keep_worst(state["worst"], (x_new, success, value))
 
         at_check = is_checkpoint[i]
-        stalled = increases < rho * interval[i]
+        # `<=`, not `<`: the reference halves when at most rho·k of the k steps increased the loss.
+        stalled = increases <= rho * interval[i]
         no_progress = ~state["reduced_last"] & (state["best_at_last_check"] >= best_value)
         reduce = at_check & (stalled | no_progress)
         reset = parts.expand(reduce, x)
@@ -164,24 +157,56 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
             x=jnp.where(reset, best_x, x_new),
             x_prev=x_cur,
             grad=jnp.where(reset, best_grad, grad),
-            value=jnp.where(reduce, best_value, value),
+            # The last iterate's loss even after a reset to the best point: the reference's loss
+            # history records iterates, so the next step's "increase" is judged against it.
+            value=value,
             eta=jnp.where(reduce, state["eta"] / 2, state["eta"]),
             increases=jnp.where(at_check, 0, increases),
             reduced_last=jnp.where(at_check, reduce, state["reduced_last"]),
             best_at_last_check=jnp.where(at_check, best_value, state["best_at_last_check"]),
             best_x=best_x, best_grad=best_grad, best_value=best_value, worst=worst)
 
+    value, success, grad = parts.objective_and_grad(objective, start)
+    batch = x.shape[:1]
+    state = dict(
+        x=start, x_prev=start, grad=grad,
+        # The reference's loss history holds 0 before the first step (its first window reads an
+        # unwritten entry), so the first step counts as an increase iff its loss exceeds 0.
+        value=jnp.zeros_like(value),
+        eta=jnp.full(batch, _APGD_INITIAL_STEP, x.dtype) * eps,
+        increases=jnp.zeros(batch, jnp.int32),
+        # Condition (2) cannot fire at the first checkpoint: the reference starts this flag at 1.
+        reduced_last=jnp.ones(batch, bool),
+        best_at_last_check=value, best_x=start, best_grad=grad, best_value=value,
+        worst=(start, success, value))
+    return lax.fori_loop(0, num_steps, step, state)["worst"]
+
+
+def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps, num_steps: int,
+         norm: str = "linf", loss: str = "ce", restarts: int = 1, rho: float = 0.75,
+         clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
+    """Auto-PGD (Croce & Hein 2020, Algorithm 1) as the reference implementation runs it.
+
+    Starts at a random point on the ε-sphere (`attack_parts.boundary_start`, as the reference; PGD
+    keeps Madry's uniform start), steps with η = 2ε and momentum α = 0.75, and at each checkpoint
+    (`apgd_checkpoints`) halves η of an example and restarts it from its best point when (1) at
+    most rho·k of its k steps since the last checkpoint increased the loss, or (2) η was not
+    halved at the last checkpoint (never true at the first) and the best loss did not improve
+    since. Uses num_steps + 1 gradient evaluations. Returns per example the worst point seen
+    (misclassified first, then highest loss). Losses: "ce" and "dlr" (difference of logits ratio,
+    needs >= 3 classes). Restarts as in `pgd`.
+    """
+    parts.check_settings("apgd", dict(eps=eps, num_steps=num_steps, norm=norm, loss=loss,
+                                      restarts=restarts, rho=rho, clip_min=clip_min, clip_max=clip_max))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    parts.check_inputs(x, y, key, needs_key=True)
+    objective = parts.make_objective(logits_fn, x, y, loss, targeted=False)
+    eps = parts.as_float(eps, x)
+
     def run(run_key):
-        start = parts.random_start(run_key, x, eps, norm, clip_min, clip_max)
-        value, success, grad = parts.objective_and_grad(objective, start)
-        batch = x.shape[:1]
-        state = dict(
-            x=start, x_prev=start, grad=grad, value=value,
-            eta=jnp.full(batch, _APGD_INITIAL_STEP, x.dtype) * eps,
-            increases=jnp.zeros(batch, jnp.int32), reduced_last=jnp.zeros(batch, bool),
-            best_at_last_check=value, best_x=start, best_grad=grad, best_value=value,
-            worst=(start, success, value))
-        return lax.fori_loop(0, num_steps, step, state)["worst"]
+        start = parts.boundary_start(run_key, x, eps, norm, clip_min, clip_max)
+        return _apgd_run(objective, x, start, eps, num_steps=num_steps, norm=norm, rho=rho,
+                         clip_min=clip_min, clip_max=clip_max)
 
     return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
 
