@@ -141,6 +141,15 @@ def num_classes_at_least(logits_fn: LogitsFn, x, minimum: int, reason: str) -> i
     return num_classes
 
 
+def check_target_count(logits_fn: LogitsFn, x, n_target_classes: int, minimum: int,
+                       attack: str) -> None:
+    """Raises unless the model has >= minimum classes and n_target_classes other classes."""
+    num_classes = num_classes_at_least(logits_fn, x, minimum, attack)
+    if n_target_classes > num_classes - 1:
+        raise ValueError(f"n_target_classes={n_target_classes!r} is invalid for a model with "
+                         f"{num_classes} classes; allowed values: 1 to {num_classes - 1}.")
+
+
 # --------------------------------------------------------------------------------------------
 # Objectives (per example; the attack ascends them)
 
@@ -183,6 +192,13 @@ def objective_and_grad(objective, x_adv):
 
     (_, (values, success)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
     return values, success, grad
+
+
+def ranked_targets(logits_fn: LogitsFn, x, n_target_classes: int):
+    """[B, n_target_classes] target classes per example: the classes ranked 2nd, 3rd, … by the
+    clean logits (the targets of AutoAttack's APGD-T and FAB-T), under stop-gradient."""
+    order = jnp.argsort(lax.stop_gradient(logits_fn(x)), axis=-1)
+    return order[:, ::-1][:, 1:n_target_classes + 1]
 
 
 # --------------------------------------------------------------------------------------------

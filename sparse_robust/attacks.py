@@ -1,4 +1,6 @@
-"""Adversarial attacks: FGSM, PGD (L∞ / L2) and APGD (Croce & Hein 2020), as pure jittable functions.
+"""Adversarial attacks as pure jittable functions: FGSM, PGD (L∞ / L2), APGD and APGD-T (Croce &
+Hein 2020, as the reference implementation runs them), FAB-T (`sparse_robust.fab`), Square
+(`sparse_robust.square`) and standard AutoAttack, which composes them.
 
 An attack is a pure function ``(logits_fn, x, y, key, **settings) -> x_adv`` where
 ``logits_fn(x) -> logits`` closes over a model in eval mode, ``x`` is a batch [B, ...] lying in
@@ -26,12 +28,16 @@ from jax import lax
 from sparse_robust import attack_parts as parts
 from sparse_robust.attack_parts import NORMS, LogitsFn
 from sparse_robust.checks import check_choice
-from sparse_robust.losses import dlr_loss, margin_parts
+from sparse_robust.fab import fab_t
+from sparse_robust.losses import dlr_loss, margin_parts, targeted_dlr_loss
+from sparse_robust.square import square, square_schedule
 
-__all__ = ["NORMS", "ATTACK_NAMES", "Attack", "make_attack", "fgsm", "pgd", "apgd", "apgd_checkpoints",
-           "predicted_labels", "margin_parts", "dlr_loss"]
+__all__ = ["NORMS", "ATTACK_NAMES", "AUTOATTACK_STAGES", "Attack", "make_attack", "fgsm", "pgd",
+           "apgd", "apgd_checkpoints", "apgd_t", "fab_t", "square", "square_schedule", "autoattack",
+           "autoattack_with_flags", "autoattack_stages", "predicted_labels", "margin_parts",
+           "dlr_loss"]
 
-ATTACK_NAMES = ("fgsm", "pgd", "apgd")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd_t", "fab_t", "square", "autoattack")
 
 _APGD_MOMENTUM = 0.75  # α in Croce & Hein (2020).
 _APGD_INITIAL_STEP = 2.0  # η(0) = 2ε.
@@ -211,10 +217,133 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
     return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
 
 
+def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps,
+           num_steps: int = 100, norm: str = "linf", n_target_classes: int = 9, restarts: int = 1,
+           rho: float = 0.75, clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once per target.
+
+    Targets are the classes ranked 2nd to (n_target_classes + 1)-th by the clean logits
+    (`attack_parts.ranked_targets`); the run for target rank r (0-based) uses ``fold_in(key, r)`` (and its
+    restarts split it, as in `pgd`). Each run ascends ``losses.targeted_dlr_loss`` with y the true
+    label. As in the reference, success is misclassification (into any class), which is what
+    robust accuracy counts. Returns per example the worst point over all runs (misclassified
+    first, then the highest targeted DLR). Needs at least 4 classes.
+    """
+    parts.check_settings("apgd_t", dict(eps=eps, num_steps=num_steps, norm=norm,
+                                        n_target_classes=n_target_classes, restarts=restarts,
+                                        rho=rho, clip_min=clip_min, clip_max=clip_max))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    parts.check_inputs(x, y, key, needs_key=True)
+    parts.check_target_count(logits_fn, x, n_target_classes, 4, "APGD-T (targeted DLR loss)")
+    eps = parts.as_float(eps, x)
+    targets = parts.ranked_targets(logits_fn, x, n_target_classes)
+
+    def target_run(worst, rank_and_target):
+        rank, target = rank_and_target
+
+        def objective(x_adv):
+            logits = logits_fn(x_adv)
+            return targeted_dlr_loss(logits, y, target), jnp.argmax(logits, axis=-1) != y
+
+        def run(run_key):
+            start = parts.boundary_start(run_key, x, eps, norm, clip_min, clip_max)
+            return _apgd_run(objective, x, start, eps, num_steps=num_steps, norm=norm, rho=rho,
+                             clip_min=clip_min, clip_max=clip_max)
+
+        result = parts.worst_over_restarts(run, jax.random.fold_in(key, rank), x, restarts)
+        return parts.keep_worst(worst, result), None
+
+    worst, _ = lax.scan(target_run, parts.initial_worst(x),
+                        (jnp.arange(n_target_classes), targets.T))
+    return lax.stop_gradient(worst[0])
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack (the standard version of Croce & Hein 2020)
+
+AUTOATTACK_STAGES = ("apgd_ce", "apgd_t", "fab_t", "square")
+
+
+def _autoattack_plan(norm, num_steps, n_target_classes, num_queries, image_shape, clip_min,
+                     clip_max):
+    """(stage, attack name, settings but eps) of the standard version, in order, with the
+    reference's settings: one restart, 100 steps, 9 targets, and Square with p_init 0.8 and
+    5000 queries on the schedule of 10,000 (AutoAttack does not rescale it)."""
+    box = dict(norm=norm, clip_min=clip_min, clip_max=clip_max)
+    targeted = dict(num_steps=num_steps, n_target_classes=n_target_classes, **box)
+    return (("apgd_ce", "apgd", dict(num_steps=num_steps, loss="ce", **box)),
+            ("apgd_t", "apgd_t", targeted),
+            ("fab_t", "fab_t", targeted),
+            ("square", "square", dict(num_queries=num_queries, p_init=0.8, rescale_schedule=False,
+                                      image_shape=image_shape, **box)))
+
+
+def autoattack_stages(eps: float, norm: str = "linf", *, num_steps: int = 100,
+                      n_target_classes: int = 9, num_queries: int = 5000,
+                      image_shape: Optional[tuple[int, int, int]] = None, clip_min: float = 0.0,
+                      clip_max: float = 1.0) -> dict[str, Attack]:
+    """The stages of standard AutoAttack as `Attack`s, in order: {"apgd_ce", "apgd_t", "fab_t",
+    "square"}. Each is a static jit argument, so an evaluator compiles one program per stage (see
+    `sparse_robust.autoattack.run_stages`); `autoattack_with_flags` runs the same stages."""
+    return {stage: make_attack(name, eps=eps, **settings) for stage, name, settings in
+            _autoattack_plan(norm, num_steps, n_target_classes, num_queries, image_shape,
+                             clip_min, clip_max)}
+
+
+def autoattack_with_flags(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
+                          eps, norm: str = "linf", num_steps: int = 100, n_target_classes: int = 9,
+                          num_queries: int = 5000, image_shape: Optional[tuple[int, int, int]] = None,
+                          clip_min: float = 0.0, clip_max: float = 1.0):
+    """Standard AutoAttack on one batch: APGD-CE, APGD-T, FAB-T, then Square (`autoattack_stages`),
+    stage i with ``fold_in(key, i)``.
+
+    Returns (x_adv, flags). flags maps "clean" and each stage name to bool [B]: correctly
+    classified on clean data and at the adversarial point of every stage so far (so an example
+    robust after a stage is robust under each earlier one). x_adv holds per example the point
+    of the first stage that broke it, else x, so ``argmax(logits_fn(x_adv)) == y`` is exactly
+    flags["square"]. Every stage runs on the whole batch (shapes are static); to skip examples
+    already broken, run the stages with `sparse_robust.autoattack.run_stages`.
+    """
+    settings = dict(eps=eps, norm=norm, num_steps=num_steps, n_target_classes=n_target_classes,
+                    num_queries=num_queries, image_shape=image_shape, clip_min=clip_min,
+                    clip_max=clip_max)
+    parts.check_settings("autoattack", settings)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    parts.check_inputs(x, y, key, needs_key=True)
+
+    def correct(z):
+        return jnp.argmax(logits_fn(z), axis=-1) == y
+
+    robust = correct(x)
+    flags, x_adv = {"clean": robust}, x
+    plan = _autoattack_plan(norm, num_steps, n_target_classes, num_queries, image_shape,
+                            clip_min, clip_max)
+    for index, (stage, name, stage_settings) in enumerate(plan):
+        candidate = _ATTACK_FNS[name](logits_fn, x, y, jax.random.fold_in(key, index), eps=eps,
+                                      **stage_settings)
+        still_correct = correct(candidate)
+        x_adv = jnp.where(parts.expand(robust & ~still_correct, x), candidate, x_adv)
+        robust = robust & still_correct
+        flags[stage] = robust
+    return lax.stop_gradient(x_adv), flags
+
+
+def autoattack(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps,
+               norm: str = "linf", num_steps: int = 100, n_target_classes: int = 9,
+               num_queries: int = 5000, image_shape: Optional[tuple[int, int, int]] = None,
+               clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
+    """Standard AutoAttack as an attack: the x_adv of `autoattack_with_flags`."""
+    return autoattack_with_flags(
+        logits_fn, x, y, key, eps=eps, norm=norm, num_steps=num_steps,
+        n_target_classes=n_target_classes, num_queries=num_queries, image_shape=image_shape,
+        clip_min=clip_min, clip_max=clip_max)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Factory
 
-_ATTACK_FNS = types.MappingProxyType({"fgsm": fgsm, "pgd": pgd, "apgd": apgd})
+_ATTACK_FNS = types.MappingProxyType({"fgsm": fgsm, "pgd": pgd, "apgd": apgd, "apgd_t": apgd_t,
+                                      "fab_t": fab_t, "square": square, "autoattack": autoattack})
 
 
 def _keyword_defaults(fn) -> dict[str, Any]:
@@ -241,7 +370,7 @@ class Attack:
 
     @property
     def uses_step_size(self) -> bool:
-        return self.name != "apgd"
+        return self.name in ("fgsm", "pgd")
 
     def __call__(self, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key, *,
                  eps=None, step_size=None) -> jax.Array:
@@ -258,7 +387,7 @@ class Attack:
 
 
 def make_attack(name: str, **settings) -> Attack:
-    """Builds an `Attack` from a name ("fgsm", "pgd", "apgd") and its keyword settings.
+    """Builds an `Attack` from a name (`ATTACK_NAMES`) and its keyword settings.
 
     Accepts the keyword settings of the attack function plus ``label_source`` ("true" or
     "predicted"), e.g. ``make_attack(**config.attack.to_dict())`` with

@@ -276,7 +276,8 @@ MODEL = NumpyMLP(11, DIM)
 X = np.random.default_rng(2).uniform(size=(64, DIM)).astype(np.float32)
 Y = np.random.default_rng(3).integers(0, NUM_CLASSES, 64).astype(np.int32)
 PGD_STEPS, APGD_STEPS = 7, 25
-ATTACK_FNS = {"fgsm": attacks.fgsm, "pgd": attacks.pgd, "apgd": attacks.apgd}
+ATTACK_FNS = {"fgsm": attacks.fgsm, "pgd": attacks.pgd, "apgd": attacks.apgd, "apgd_t": attacks.apgd_t,
+              "fab_t": attacks.fab_t, "square": attacks.square, "autoattack": attacks.autoattack}
 
 
 def compiled(name, norm="linf", loss="ce", restarts=1, targeted=False):
@@ -324,6 +325,10 @@ CONSTRAINT_CASES = [  # (attack, norm, batch shape): several shapes, flat and im
     ("fgsm", "linf", (3, 5)), ("fgsm", "l2", (2, 4, 4, 1)),
     ("pgd", "linf", (4, 2, 3, 1)), ("pgd", "l2", (1, 9)),
     ("apgd", "linf", (5, 7)), ("apgd", "l2", (3, 3, 2, 2)),
+    ("apgd_t", "linf", (3, 6)), ("apgd_t", "l2", (2, 3, 2, 1)),
+    ("fab_t", "linf", (4, 7)), ("fab_t", "l2", (3, 2, 2, 2)),
+    ("square", "linf", (3, 16)), ("square", "l2", (2, 6, 5, 2)),
+    ("autoattack", "linf", (3, 4, 4, 1)),
 ]
 
 
@@ -336,7 +341,11 @@ def test_output_in_eps_ball_and_box(name, norm, shape):
     logits_fn = random_logits_fn(shape[0], math.prod(shape[1:]))
     settings = {"fgsm": lambda eps: dict(random_start=True, step_size=1.25 * eps),
                 "pgd": lambda eps: dict(step_size=eps / 3, num_steps=4),
-                "apgd": lambda eps: dict(num_steps=6)}[name]
+                "apgd": lambda eps: dict(num_steps=6),
+                "apgd_t": lambda eps: dict(num_steps=6, n_target_classes=2),
+                "fab_t": lambda eps: dict(num_steps=6, n_target_classes=2),
+                "square": lambda eps: dict(num_queries=30),
+                "autoattack": lambda eps: dict(num_steps=4, n_target_classes=2, num_queries=20)}[name]
     attack = jax.jit(lambda key, eps: ATTACK_FNS[name](logits_fn, x, y, key, eps=eps, norm=norm,
                                                        **settings(eps)))
     for eps in [0.0, 0.03, 0.3, 2.0]:
@@ -578,6 +587,22 @@ BAD_CALLS = [
     (lambda f, x, y, k: attacks.make_attack("fgsm", eps=0.1, targeted=True, label_source="predicted"),
      "label_source='predicted'"),
     (lambda f, x, y, k: attacks.make_attack("apgd", eps=0.1, num_steps=5, step_size=0.1), "step_size"),
+    (lambda f, x, y, k: attacks.apgd_t(f, x, y, k, eps=0.1, n_target_classes=0), "n_target_classes=0"),
+    (lambda f, x, y, k: attacks.apgd_t(f, x, y, None, eps=0.1), "key=None"),
+    (lambda f, x, y, k: attacks.make_attack("apgd_t", eps=0.1, loss="ce"), "loss"),
+    (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, eta=0.5), "eta=0.5"),
+    (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, beta=0.0), "beta=0.0"),
+    (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, alpha_max=2), "alpha_max=2"),
+    (lambda f, x, y, k: attacks.fab_t(f, x, y, eps=0.1, norm="l1"), "norm='l1'"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, num_queries=0), "num_queries=0"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, p_init=1.5), "p_init=1.5"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, image_shape=(4, 4)), "image_shape=(4, 4)"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, rescale_schedule=1), "rescale_schedule=1"),
+    (lambda f, x, y, k: attacks.square(f, x, y, k, eps=0.1, image_shape=(3, 1, 1)), "image_shape=(3, 1, 1)"),
+    (lambda f, x, y, k: attacks.square(f, x, y, k, eps=0.1, norm="l2"), "L2 Square"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1)(f, x, y, k, step_size=0.1), "step_size=0.1"),
+    (lambda f, x, y, k: attacks.make_attack("autoattack", eps=0.1, num_queries=-5), "num_queries=-5"),
+    (lambda f, x, y, k: attacks.autoattack(f, x, y, k, eps=-0.1), "eps=-0.1"),
 ]
 
 
@@ -587,6 +612,17 @@ def test_bad_settings_raise_value_error_before_tracing(call, message):
     y = np.zeros(2, np.int32)
     with pytest.raises(ValueError, match=re.escape(message)):
         call(_never_called, x, y, jax.random.key(0))
+
+
+def test_target_counts_are_checked_against_the_model():
+    x, y = np.zeros((2, 4), np.float32), np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match=re.escape("n_target_classes=4 is invalid for a model with 4 classes")):
+        attacks.apgd_t(random_logits_fn(0, 4), x, y, jax.random.key(0), eps=0.1, n_target_classes=4)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        attacks.apgd_t(random_logits_fn(0, 4, num_classes=3), x, y, jax.random.key(0), eps=0.1,
+                       n_target_classes=2)
+    with pytest.raises(ValueError, match=re.escape("allowed values: 1 to 2")):
+        attacks.fab_t(random_logits_fn(0, 4, num_classes=3), x, y, eps=0.1, n_target_classes=3)
 
 
 def test_dlr_needs_three_classes():
