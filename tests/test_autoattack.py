@@ -1,7 +1,9 @@
-"""Tests for AutoAttack and its new stages: APGD-T, FAB-T (and its projection), Square and the
-batch-level `attacks.autoattack_with_flags`. Independent references: an LP (scipy) and a
+"""Tests for AutoAttack and its new stages: APGD-T, FAB-T (and its projection), Square, the
+batch-level `attacks.autoattack_with_flags` and the compacting dataset driver
+`sparse_robust.autoattack.run_stages`. Independent references: an LP (scipy) and a
 brute-force enumeration for FAB's projection and for minimal distances, the published Square
-schedule, and each stage run on its own."""
+schedule, each stage run on its own, and every stage applied to every point (masked) for the
+driver."""
 
 import functools
 import itertools
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from sparse_robust import attacks, fab, losses
+from sparse_robust import attacks, autoattack, fab, losses
 from test_attacks import NumpyMLP, fast_key
 
 NUM_CLASSES = 5
@@ -312,3 +314,89 @@ def test_on_a_gradient_masked_model_square_finds_what_the_gradient_stages_miss()
     assert np.all(np.asarray(flags["fab_t"]))  # APGD-CE, APGD-T and FAB-T break nothing...
     assert np.mean(np.asarray(flags["square"])) < 0.5  # ...Square breaks most.
     np.testing.assert_array_equal(predicted(rounded_logits_fn, x_adv) == MASKED_Y, flags["square"])
+
+
+# --------------------------------------------------------------------------------------------
+# The compacting dataset driver
+
+
+def stage_verdicts(num_points, num_stages, seed=0):
+    """A fixed verdict per (stage, point): what a deterministic stage says about that point."""
+    return np.random.default_rng(seed).uniform(size=(num_stages, num_points)) > 0.3
+
+
+def make_stage_fn(verdicts, calls):
+    """A stage that reads a point's verdict from its image (image = its index) and records calls."""
+    def stage_fn(stage, x, y, key):
+        calls.append((stage, x[:, 0].astype(int).copy(), jax.random.key_data(key)))
+        return verdicts[stage, x[:, 0].astype(int)]
+    return stage_fn
+
+
+@pytest.mark.parametrize("batch_size,bucket_sizes", [(16, None), (10, (3, 7)), (64, (64,))])
+def test_run_stages_compacts_and_matches_attacking_every_point(batch_size, bucket_sizes):
+    n, stages = 90, ("a", "b", "c")
+    images = np.arange(n, dtype=np.float32)[:, None].repeat(3, axis=1)
+    labels = np.zeros(n, np.int32)
+    clean = np.random.default_rng(1).uniform(size=n) > 0.2
+    clean[0] = False  # So padding with point 0 (instead of a row of the chunk) would show.
+    verdicts = stage_verdicts(n, len(stages))
+    calls = []
+    key = jax.random.key(3)
+    results = autoattack.run_stages(make_stage_fn(verdicts, calls), images, labels, clean, key,
+                                    stages=stages, batch_size=batch_size, bucket_sizes=bucket_sizes)
+    # Masked reference: every stage on every point, robust = clean & all verdicts so far.
+    robust = clean
+    for s, name in enumerate(stages):
+        robust = robust & verdicts[s]
+        np.testing.assert_array_equal(results[name], robust)
+    buckets = set(autoattack.default_bucket_sizes(batch_size) if bucket_sizes is None
+                  else bucket_sizes) | {batch_size}
+    before = {0: clean, 1: results["a"], 2: results["b"]}
+    chunk_counter = {}
+    for stage, rows, key_data in calls:
+        assert len(rows) in buckets
+        assert np.all(before[stage][rows])  # Never a point an earlier stage broke.
+        real = len(set(rows))  # Distinct points in index order, then copies of the first.
+        assert np.all(np.diff(rows[:real]) > 0) and np.all(rows[real:] == rows[0])
+        chunk = chunk_counter.get(stage, 0)
+        chunk_counter[stage] = chunk + 1
+        expected = jax.random.fold_in(jax.random.fold_in(key, stage), chunk)
+        np.testing.assert_array_equal(key_data, jax.random.key_data(expected))
+    for stage in range(len(stages)):  # Each still-robust point exactly once per stage.
+        rows = np.concatenate([r for s, r, _ in calls if s == stage])
+        assert set(rows) == set(np.flatnonzero(before[stage]))
+        assert len(rows) - len(set(rows)) < min(buckets)  # Padding only.
+
+
+def test_run_stages_validates_its_arguments():
+    ok = dict(stages=("a",), batch_size=4)
+    args = (lambda *a: None, np.zeros((3, 2)), np.zeros(3, np.int32), np.ones(3, bool), jax.random.key(0))
+    for kwargs, message in [(dict(batch_size=0), "batch_size=0"), (dict(stages=()), "stages"),
+                            (dict(stages=("a", "a")), "stages"), (dict(bucket_sizes=(8,)), "bucket_sizes")]:
+        with pytest.raises(ValueError, match=message):
+            autoattack.run_stages(*args, **{**ok, **kwargs})
+    with pytest.raises(ValueError, match="share N"):
+        autoattack.run_stages(args[0], args[1], args[2][:2], args[3], args[4], **ok)
+    with pytest.raises(ValueError, match="expected"):
+        autoattack.run_stages(lambda *a: np.ones(2, bool), *args[1:], **ok)
+
+
+def test_evaluate_stages_on_a_model_matches_direct_computation():
+    apply_fn = lambda variables, z: MODEL.jax_logits(z) * variables["scale"]
+    stages = {"fgsm": attacks.make_attack("fgsm", eps=EPS),  # Deterministic stages: the result
+              "fab_t": attacks.make_attack("fab_t", eps=EPS, **SMALL)}  # cannot depend on chunking.
+    x = np.concatenate([X, X[:12] * 0.9])
+    y = np.concatenate([Y, (Y[:12] + 1) % NUM_CLASSES])  # Some clean mistakes.
+    compiled = autoattack._still_robust._cache_size()
+    results = autoattack.evaluate_stages(apply_fn, {"scale": 1.0}, x, y, fast_key(0), stages=stages,
+                                         batch_size=32, bucket_sizes=(8,))
+    logits_fn = MODEL.jax_logits
+    clean = predicted(logits_fn, x) == y
+    fgsm = predicted(logits_fn, attacks.fgsm(logits_fn, x, y, eps=EPS)) == y
+    fab_t = predicted(logits_fn, attacks.fab_t(logits_fn, x, y, eps=EPS, **SMALL)) == y
+    np.testing.assert_array_equal(results["clean"], clean)
+    assert np.mean(results["fgsm"] != (clean & fgsm)) <= 1 / len(x)  # Rounding may flip a tie.
+    assert np.mean(results["fab_t"] != (clean & fgsm & fab_t)) <= 1 / len(x)
+    # One program per (stage or clean check) and bucket used, whatever the number of chunks.
+    assert autoattack._still_robust._cache_size() - compiled <= 3 * 2
