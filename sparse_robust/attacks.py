@@ -16,6 +16,7 @@ Python value, validated before anything is traced. The result always lies in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from typing import Any, Optional
@@ -122,9 +123,10 @@ def apgd_checkpoints(num_steps: int) -> list[int]:
     return checkpoints
 
 
-def _apgd_run(objective, x, start, eps, *, num_steps: int, norm: str, rho: float,
+def _apgd_run(objective, x, key, eps, *, num_steps: int, norm: str, rho: float,
               clip_min: float, clip_max: float):
-    """One APGD run from `start`: the worst (x_adv, success, objective) triple it visits."""
+    """One APGD run from a random point of the ε-sphere (`attack_parts.boundary_start` with
+    `key`): the worst (x_adv, success, objective) triple it visits."""
     checkpoints = apgd_checkpoints(num_steps)
     # Static per-iteration tables: is iteration i (producing x^(i+1)) a checkpoint, and how long
     # was the interval that ends there.
@@ -172,6 +174,7 @@ def _apgd_run(objective, x, start, eps, *, num_steps: int, norm: str, rho: float
             best_at_last_check=jnp.where(at_check, best_value, state["best_at_last_check"]),
             best_x=best_x, best_grad=best_grad, best_value=best_value, worst=worst)
 
+    start = parts.boundary_start(key, x, eps, norm, clip_min, clip_max)
     value, success, grad = parts.objective_and_grad(objective, start)
     batch = x.shape[:1]
     state = dict(
@@ -209,11 +212,8 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
     objective = parts.make_objective(logits_fn, x, y, loss, targeted=False)
     eps = parts.as_float(eps, x)
 
-    def run(run_key):
-        start = parts.boundary_start(run_key, x, eps, norm, clip_min, clip_max)
-        return _apgd_run(objective, x, start, eps, num_steps=num_steps, norm=norm, rho=rho,
-                         clip_min=clip_min, clip_max=clip_max)
-
+    run = functools.partial(_apgd_run, objective, x, eps=eps, num_steps=num_steps, norm=norm,
+                            rho=rho, clip_min=clip_min, clip_max=clip_max)
     return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
 
 
@@ -223,10 +223,10 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
     """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once per target.
 
     Targets are the classes ranked 2nd to (n_target_classes + 1)-th by the clean logits
-    (`attack_parts.ranked_targets`); the run for target rank r (0-based) uses ``fold_in(key, r)`` (and its
-    restarts split it, as in `pgd`). Each run ascends ``losses.targeted_dlr_loss`` with y the true
-    label. As in the reference, success is misclassification (into any class), which is what
-    robust accuracy counts. Returns per example the worst point over all runs (misclassified
+    (`attack_parts.ranked_targets`); the run for target rank r (0-based) uses
+    ``fold_in(key, r)`` (its restarts split it, as in `pgd`). Each run ascends
+    ``losses.targeted_dlr_loss`` with y the true label. As in the reference, success is
+    misclassification (into any class), which is what robust accuracy counts. Returns per example the worst point over all runs (misclassified
     first, then the highest targeted DLR). Needs at least 4 classes.
     """
     parts.check_settings("apgd_t", dict(eps=eps, num_steps=num_steps, norm=norm,
@@ -245,11 +245,8 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
             logits = logits_fn(x_adv)
             return targeted_dlr_loss(logits, y, target), jnp.argmax(logits, axis=-1) != y
 
-        def run(run_key):
-            start = parts.boundary_start(run_key, x, eps, norm, clip_min, clip_max)
-            return _apgd_run(objective, x, start, eps, num_steps=num_steps, norm=norm, rho=rho,
-                             clip_min=clip_min, clip_max=clip_max)
-
+        run = functools.partial(_apgd_run, objective, x, eps=eps, num_steps=num_steps, norm=norm,
+                                rho=rho, clip_min=clip_min, clip_max=clip_max)
         result = parts.worst_over_restarts(run, jax.random.fold_in(key, rank), x, restarts)
         return parts.keep_worst(worst, result), None
 

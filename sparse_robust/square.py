@@ -205,7 +205,8 @@ def _l2_start(key, clean, eps, clip_min, clip_max):
     batch, height, width, channels = clean.shape
     side = height // 5
     offset = (height - 5 * side) // 2
-    rows, cols = min(height // side, (height - offset) // side), min(width // side, (width - offset) // side)
+    rows = min(height // side, (height - offset) // side)
+    cols = min(width // side, (width - offset) // side)
     k_sign, k_transpose = jax.random.split(key)
     pattern = jnp.asarray(_l2_pattern(side), clean.dtype)
     transpose = jax.random.bernoulli(k_transpose, 0.5, (batch, rows, cols, 1, 1))
@@ -242,9 +243,11 @@ def _l2_proposal(clean, eps, sides, clip_min, clip_max):
         # what the first window may hold after the second one is cleared.
         norm_first = _l2_sum(jnp.where(first, delta, 0.0), hw)
         norm_both = _l2_sum(jnp.where(first | second, delta, 0.0), hw)
-        room = jnp.maximum(jnp.square(eps) - jnp.sum(jnp.square(delta), axis=(1, 2, 3), keepdims=True), 0.0)
+        spent = jnp.sum(jnp.square(delta), axis=(1, 2, 3), keepdims=True)
+        room = jnp.maximum(jnp.square(eps) - spent, 0.0)
         transpose = jax.random.bernoulli(k_transpose, 0.5, (batch,))
-        shape = _place_patterns(patterns, pattern_index[t], corner_h, corner_w, transpose, height, width)
+        shape = _place_patterns(patterns, pattern_index[t], corner_h, corner_w, transpose, height,
+                                width)
         signs = _random_signs(k_sign, (batch, 1, 1, channels), clean.dtype)
         new = shape * signs + jnp.where(first, delta, 0.0) / (norm_first + parts.TINY)
         new = new / (_l2_sum(new, hw) + parts.TINY) * jnp.sqrt(room / channels + jnp.square(norm_both))

@@ -456,10 +456,11 @@ def test_apgd_step_size_rule_follows_the_reference_loop_exactly(norm):
     def ref_objective(i):
         return lambda z: (offset[i] - np.abs(z - center[i]).sum(), -np.sign(z - center[i]), False)
 
-    start = ref_boundary_start(fast_key(0), x, eps, norm).astype(np.float32)
-    actual = jax.jit(lambda s: attacks._apgd_run(
-        objective, jnp.asarray(x), s, eps, num_steps=steps, norm=norm, rho=0.75, clip_min=0.0,
-        clip_max=1.0)[0])(start)
+    key = fast_key(0)
+    start = ref_boundary_start(key, x, eps, norm).astype(np.float32)
+    actual = jax.jit(lambda k: attacks._apgd_run(
+        objective, jnp.asarray(x), k, eps, num_steps=steps, norm=norm, rho=0.75, clip_min=0.0,
+        clip_max=1.0)[0])(key)
     expected = np.stack([ref_apgd_one(ref_objective(i), x[i], start[i], eps, steps, norm)
                          for i in range(n)])
     same = np.all(np.isclose(actual, expected, atol=1e-6), axis=1)

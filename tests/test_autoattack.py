@@ -131,8 +131,8 @@ def test_fab_projection_matches_lp_and_brute_force(norm):
         if optimum is None:  # The box corner nearest the hyperplane.
             infeasible += 1
             toward = np.sign(w[i]) * np.sign(b[i] - w[i] @ points[i])
-            np.testing.assert_allclose(z, np.where(toward > 0, 1.0, np.where(toward < 0, 0.0, points[i])),
-                                       atol=1e-6)
+            corner = np.where(toward > 0, 1.0, np.where(toward < 0, 0.0, points[i]))
+            np.testing.assert_allclose(z, corner, atol=1e-6)
             continue
         size = np.abs(d[i]).max() if norm == "linf" else np.linalg.norm(d[i])
         assert size == pytest.approx(optimum, abs=2e-5), i
@@ -156,7 +156,8 @@ def test_fab_t_finds_the_minimal_distance_on_a_linear_binary_model(norm):
     for i in range(len(x)):
         normal = (w[:, 1 - y[i]] - w[:, y[i]]).astype(np.float64)
         offset = float(bias[y[i]] - bias[1 - y[i]])
-        optimum = (lp_min_linf if norm == "linf" else brute_min_l2)(x[i].astype(np.float64), normal, offset)
+        minimum = lp_min_linf if norm == "linf" else brute_min_l2
+        optimum = minimum(x[i].astype(np.float64), normal, offset)
         found = np.abs(x_adv[i] - x[i]).max() if norm == "linf" else np.linalg.norm(x_adv[i] - x[i])
         assert optimum - 1e-5 <= found <= 1.01 * optimum + 1e-5, (i, found, optimum)
 
@@ -213,7 +214,11 @@ def test_targeted_stages_push_towards_their_target(name):
     x_adv = run(name, eps=EPS, num_steps=20, n_target_classes=1)
     target = np.argsort(-np.asarray(MODEL.jax_logits(X)), axis=1)[:, 1]
     rows = np.arange(len(X))
-    gap = lambda z: np.asarray(MODEL.jax_logits(z))[rows, target] - np.asarray(MODEL.jax_logits(z))[rows, Y]
+
+    def gap(z):
+        logits = np.asarray(MODEL.jax_logits(z))
+        return logits[rows, target] - logits[rows, Y]
+
     moved = np.any(x_adv != X, axis=1)
     assert np.all(gap(x_adv)[moved] > gap(X)[moved])
     broken = predicted(MODEL.jax_logits, x_adv) != Y
@@ -310,7 +315,8 @@ def test_on_a_gradient_masked_model_square_finds_what_the_gradient_stages_miss()
     attack = attacks.make_attack("autoattack", eps=MASKED_EPS, num_steps=10, n_target_classes=3,
                                  num_queries=100)
     x_adv, flags = jax.jit(lambda x, y, k: attacks.autoattack_with_flags(
-        rounded_logits_fn, x, y, k, **dict(attack.options), eps=attack.eps))(MASKED_X, MASKED_Y, fast_key(9))
+        rounded_logits_fn, x, y, k, **dict(attack.options), eps=attack.eps))(
+            MASKED_X, MASKED_Y, fast_key(9))
     assert np.all(np.asarray(flags["fab_t"]))  # APGD-CE, APGD-T and FAB-T break nothing...
     assert np.mean(np.asarray(flags["square"])) < 0.5  # ...Square breaks most.
     np.testing.assert_array_equal(predicted(rounded_logits_fn, x_adv) == MASKED_Y, flags["square"])
@@ -371,9 +377,11 @@ def test_run_stages_compacts_and_matches_attacking_every_point(batch_size, bucke
 
 def test_run_stages_validates_its_arguments():
     ok = dict(stages=("a",), batch_size=4)
-    args = (lambda *a: None, np.zeros((3, 2)), np.zeros(3, np.int32), np.ones(3, bool), jax.random.key(0))
+    args = (lambda *a: None, np.zeros((3, 2)), np.zeros(3, np.int32), np.ones(3, bool),
+            jax.random.key(0))
     for kwargs, message in [(dict(batch_size=0), "batch_size=0"), (dict(stages=()), "stages"),
-                            (dict(stages=("a", "a")), "stages"), (dict(bucket_sizes=(8,)), "bucket_sizes")]:
+                            (dict(stages=("a", "a")), "stages"),
+                            (dict(bucket_sizes=(8,)), "bucket_sizes")]:
         with pytest.raises(ValueError, match=message):
             autoattack.run_stages(*args, **{**ok, **kwargs})
     with pytest.raises(ValueError, match="share N"):
