@@ -305,6 +305,8 @@ def test_autoattack_is_the_per_example_conjunction_of_its_stages():
         assert np.all(flags["square"] <= alone[name])  # Never above any stage.
     np.testing.assert_array_equal(predicted(MODEL.jax_logits, x_adv) == Y, flags["square"])
     assert np.abs(np.asarray(x_adv) - X).max() <= EPS + 1e-6
+    # make_attack("autoattack") is the same attack, as a hashable static jit argument.
+    np.testing.assert_array_equal(run("autoattack", key=key, eps=EPS, **STAGE_SETTINGS), x_adv)
     assert flags["apgd_ce"].mean() < 0.9 and flags["square"].mean() < flags["apgd_ce"].mean()
 
 
@@ -312,14 +314,16 @@ def test_on_a_gradient_masked_model_square_finds_what_the_gradient_stages_miss()
     assert np.all(predicted(rounded_logits_fn, MASKED_X) == MASKED_Y)
     # The rounded model's gradient is zero almost everywhere, and random ±ε moves (the APGD
     # starts) rarely shift its rounded sum below 32; Square's coordinated search does.
-    attack = attacks.make_attack("autoattack", eps=MASKED_EPS, num_steps=10, n_target_classes=3,
-                                 num_queries=100)
-    x_adv, flags = jax.jit(lambda x, y, k: attacks.autoattack_with_flags(
-        rounded_logits_fn, x, y, k, **dict(attack.options), eps=attack.eps))(
-            MASKED_X, MASKED_Y, fast_key(9))
-    assert np.all(np.asarray(flags["fab_t"]))  # APGD-CE, APGD-T and FAB-T break nothing...
-    assert np.mean(np.asarray(flags["square"])) < 0.5  # ...Square breaks most.
-    np.testing.assert_array_equal(predicted(rounded_logits_fn, x_adv) == MASKED_Y, flags["square"])
+    # Vmapped over ε (traced in every stage): ε = 0 breaks nothing.
+    settings = dict(num_steps=10, n_target_classes=3, num_queries=100)
+    x_adv, flags = jax.jit(jax.vmap(lambda eps: attacks.autoattack_with_flags(
+        rounded_logits_fn, MASKED_X, MASKED_Y, fast_key(9), eps=eps, **settings)))(
+            jnp.array([0.0, MASKED_EPS]))
+    flags = {name: np.asarray(v) for name, v in flags.items()}
+    assert np.all(flags["square"][0]) and np.all(np.asarray(x_adv[0]) == MASKED_X)
+    assert np.all(flags["fab_t"][1])  # APGD-CE, APGD-T and FAB-T break nothing...
+    assert np.mean(flags["square"][1]) < 0.5  # ...Square breaks most.
+    np.testing.assert_array_equal(predicted(rounded_logits_fn, x_adv[1]) == MASKED_Y, flags["square"][1])
 
 
 # --------------------------------------------------------------------------------------------
