@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from benchmarks.common import matmul_flops_per_second, print_rows
-from sparse_robust import attacks, autoattack, data, masks, models, objectives, training
+from sparse_robust import attacks, autoattack, data, evaluation, masks, models, objectives, training
 
 EPS = 0.1
 
@@ -77,21 +77,21 @@ def passes_per_row(num_steps: int, n_targets: int, num_queries: int) -> dict:
             "fab_t": n_targets * num_steps * 3 + 2, "square": num_queries + 2}
 
 
-def evaluate(apply_fn, params, images, labels, stages, key, batch_size):
-    """Per-stage flags and (seconds, padded rows) per stage, timing each call of the stage."""
-    attack_list = list(stages.values())
+def evaluate(model_fn, params, images, labels, stages, key, batch_size):
+    """Per-stage flags and (seconds, padded rows) per stage, timing each call of the stage: the
+    driver and the programs ``evaluation.Evaluator`` runs AutoAttack with."""
+    evaluator = evaluation.Evaluator(model_fn, batch_size=batch_size)
+    programs = [evaluator.program(attack) for attack in stages.values()]
     seconds, rows = np.zeros(len(stages)), np.zeros(len(stages), np.int64)
-    variables = {"params": params}
 
     def stage_fn(index, x, y, key):
         tic = time.perf_counter()
-        still = np.asarray(autoattack._still_robust(variables, x, y, key, apply_fn=apply_fn,
-                                                    attack=attack_list[index]))
+        still = np.asarray(programs[index](params, {}, x, y, key)[0])
         seconds[index] += time.perf_counter() - tic
         rows[index] += len(x)
         return still
 
-    clean = np.argmax(np.asarray(apply_fn(variables, images)), -1) == labels
+    clean = evaluator.per_example(params, {}, images, labels)["clean"].correct
     flags = autoattack.run_stages(stage_fn, images, labels, clean, key, stages=tuple(stages),
                                   batch_size=batch_size)
     return clean, flags, seconds, rows
@@ -122,7 +122,8 @@ def main() -> None:
     print(f"matmul 2048x2048 float32: {matmul_before / 1e9:.1f} GFLOP/s\n")
     for run in range(args.runs):
         tic = time.perf_counter()
-        clean, flags, seconds, rows = evaluate(model.apply, params, images, labels, stages,
+        clean, flags, seconds, rows = evaluate(training.make_model_fn(model), params, images,
+                                               labels, stages,
                                                jax.random.key(args.seed), args.batch_size)
         total = time.perf_counter() - tic
         table, attacked = [], int(clean.sum())

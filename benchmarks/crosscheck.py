@@ -20,21 +20,19 @@ XLA compilation.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import importlib.util
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torchattacks
 
 from benchmarks.autoattack import EPS, load_or_train
 from benchmarks.common import print_rows
-from sparse_robust import attacks, autoattack, data
+from sparse_robust import attacks, data, evaluation, training
 
 
 def torch_model(params) -> torch.nn.Module:
@@ -78,20 +76,14 @@ def their_attacks(model):
     }
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attack"))
-def _our_robust(variables, x, y, key, *, apply_fn, attack):
-    logits_fn = lambda z: apply_fn(variables, z)
-    return jnp.argmax(logits_fn(attack(logits_fn, x, y, key)), axis=-1) == y
-
-
-def run_ours(name, attack, apply_fn, variables, x, y, key):
-    tic = time.perf_counter()
+def run_ours(name, attack, model_fn, params, x, y, key):
+    """Robust per example under our attack, through the library's evaluator (AutoAttack stage
+    by stage, each stage on the images still robust)."""
     if name.startswith("AutoAttack"):
-        flags = autoattack.evaluate_stages(apply_fn, variables, x, y, key,
-                                           stages=attacks.autoattack_stages(EPS), batch_size=len(x))
-        robust = flags["square"]
-    else:
-        robust = np.asarray(_our_robust(variables, x, y, key, apply_fn=apply_fn, attack=attack))
+        attack = attacks.make_attack("autoattack", eps=EPS)
+    tic = time.perf_counter()
+    robust = evaluation.Evaluator(model_fn, batch_size=len(x)).per_example(
+        params, {}, x, y, {"attack": attack}, key)["attack"].correct
     return robust, time.perf_counter() - tic
 
 
@@ -136,12 +128,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     dataset = data.load_dataset("fashion_mnist", source="idx", flatten=True)
     model, params = load_or_train(dataset, args.weights, args.train_steps, args.seed)
-    variables = {"params": params}
+    model_fn = training.make_model_fn(model)
     images, labels = dataset.test_images[:args.num_images], dataset.test_labels[:args.num_images]
     net = torch_model(params)
     with torch.no_grad():
         theirs = net(torch.from_numpy(images.reshape(-1, 1, 28, 28))).numpy()
-    ours = np.asarray(model.apply(variables, images))
+    ours = np.asarray(model_fn(params, {}, images, False)[0])
     clean = ours.argmax(1) == labels
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), torchattacks "
           f"{torchattacks.__version__}, jax {jax.__version__} ({jax.default_backend()})")
@@ -160,7 +152,7 @@ def main() -> None:
         robust_theirs, seconds_theirs = run_theirs(their[name], net, x, y)
         row = {"attack": name, "images": n, "torch acc": robust_theirs.mean(), "torch s": seconds_theirs}
         if name != "torchattacks.AutoAttack":
-            robust_ours, seconds_ours = run_ours(name, mine.get(name), model.apply, variables, x, y,
+            robust_ours, seconds_ours = run_ours(name, mine.get(name), model_fn, params, x, y,
                                                  jax.random.key(args.seed))
             row.update({"ours acc": robust_ours.mean(), "ours s": seconds_ours,
                         "acc diff (pts)": 100 * (robust_ours.mean() - robust_theirs.mean()),

@@ -4,8 +4,7 @@
 every earlier stage left robust and attacks them in chunks whose sizes come from a few fixed
 bucket sizes (`chunk_sizes`), so one compiled program per stage and bucket serves the whole
 dataset and no new program is compiled per batch. Points already broken are never attacked
-again. `evaluate_stages` runs the stages of `attacks.autoattack_stages` (or any
-mapping of `Attack`s) on a model with it.
+again. ``evaluation.Evaluator`` runs the stages of ``attacks.autoattack_stages`` with it.
 
 Keys: chunk c (0-based, in the order of the still-robust indices) of stage s (0-based) is
 attacked with ``fold_in(fold_in(key, s), c)``. The chunks of a stage depend on which points
@@ -14,14 +13,11 @@ earlier stages broke, so an example's key (not its result's distribution) depend
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sparse_robust.attacks import Attack
 from sparse_robust.checks import check_positive_int
 
 StageFn = Callable[[int, np.ndarray, np.ndarray, jax.Array], jax.Array]
@@ -114,43 +110,3 @@ def run_stages(stage_fn: StageFn, images, labels, robust, key, *, stages: Sequen
                 progress(stage, start, len(indices))
         results[stage] = robust.copy()
     return results
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attack"))
-def _still_robust(variables, x, y, key, *, apply_fn, attack):
-    """Per row: classified correctly at `attack`'s point (or clean, for attack None)."""
-    logits_fn = lambda z: apply_fn(variables, z)
-    if attack is not None:
-        x = attack(logits_fn, x, y, key)
-    return jnp.argmax(logits_fn(x), axis=-1) == y
-
-
-def evaluate_stages(apply_fn: Callable, variables, images, labels, key, *,
-                    stages: Mapping[str, Attack], batch_size: int = 1000,
-                    bucket_sizes: Optional[Sequence[int]] = None,
-                    progress: Optional[Progress] = None) -> dict[str, np.ndarray]:
-    """Clean correctness and robustness after each stage, per example:
-    ``{"clean": bool [N], <stage>: bool [N], ...}`` (cumulative, in the order of `stages`).
-
-    ``apply_fn(variables, x) -> logits`` is the model in eval mode; `stages` maps names to
-    `Attack`s, e.g. ``attacks.autoattack_stages(eps=0.1)``. The stages run with `run_stages`
-    (its key derivation) on the clean-correct points; the accuracies are the means.
-    """
-    for name, attack in stages.items():
-        if name == "clean" or not isinstance(attack, Attack):
-            raise ValueError(f"stages[{name!r}] is invalid: names must not be 'clean' and values "
-                             "must be `Attack`s from `make_attack`.")
-    images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
-    attack_list = tuple(stages.values())
-    common = dict(batch_size=batch_size, bucket_sizes=bucket_sizes, progress=progress)
-
-    def clean_fn(_, x, y, key):
-        return _still_robust(variables, x, y, key, apply_fn=apply_fn, attack=None)
-
-    def stage_fn(stage_index, x, y, key):
-        return _still_robust(variables, x, y, key, apply_fn=apply_fn, attack=attack_list[stage_index])
-
-    clean = run_stages(clean_fn, images, labels, np.ones(len(labels), bool), key,
-                       stages=("clean",), **common)
-    return {**clean, **run_stages(stage_fn, images, labels, clean["clean"], key,
-                                  stages=tuple(stages), **common)}

@@ -11,6 +11,11 @@ real rows count, so nothing recompiles. With a mesh, every batch is split across
 (params replicated) and the per-example results are gathered. Keys: the attack labelled ``name``
 attacks batch b with ``fold_in(keys.derive(key, name), b)``, so an attack's numbers depend on its
 label, never on its position among the others.
+
+AutoAttack (``make_attack("autoattack", ...)``, true labels) runs stage by stage: each stage
+(APGD-CE, APGD-T, FAB-T, Square) attacks only the images every earlier stage left robust, in
+chunks of a few fixed sizes (``autoattack.run_stages``: one program per stage and chunk size, and
+no work on images already broken); the per-stage robustness is kept with the result.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from sparse_robust import autoattack
 from sparse_robust import keys as keys_lib
 from sparse_robust import parallel
-from sparse_robust.attacks import NORMS, Attack, make_attack
+from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
 from sparse_robust.checks import check_choice
 from sparse_robust.objectives import cross_entropy
 
@@ -76,9 +82,21 @@ def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PerExample:
-    """Per-example outcome of one evaluation: correct classification and cross-entropy."""
+    """Per-example outcome of one evaluation: correct classification and cross-entropy (NaN for
+    a staged attack, which has no single adversarial point), and for a staged attack the
+    robustness after each stage (cumulative)."""
     correct: np.ndarray  # bool [N]
     loss: np.ndarray     # float32 [N]
+    stages: Optional[dict[str, np.ndarray]] = None
+
+
+def staged(attack) -> Optional[dict[str, Attack]]:
+    """The stages an evaluator runs one after the other for ``attack`` (AutoAttack on true
+    labels), or None for an attack run in one go."""
+    if isinstance(attack, Attack) and attack.name == "autoattack" \
+            and attack.label_source == "true":
+        return autoattack_stages(attack.eps, **dict(attack.options))
+    return None
 
 
 class Evaluator:
@@ -161,17 +179,24 @@ class Evaluator:
 
     # ---------------------------------------------------------------- batching
 
+    def _size(self, num_examples: int) -> int:
+        """The batch size for a dataset: at most batch_size, a multiple of the devices."""
+        shards = parallel.num_shards(self.mesh)
+        return -(-min(self.batch_size, num_examples) // shards) * shards
+
+    def _place(self, x, y):
+        if self.mesh is None:
+            return x, y
+        return parallel.put((x, y), parallel.batch_sharded(self.mesh))
+
     def _batches(self, images, labels, progress: bool, desc: str):
         """Yields (index, x, y, valid) with x, y placed on the mesh (batch split)."""
-        shards = parallel.num_shards(self.mesh)
-        size = -(-min(self.batch_size, len(images)) // shards) * shards
+        size = self._size(len(images))
         spans = list(batch_spans(len(images), size))
         for index, (start, valid) in enumerate(tqdm(spans, disable=not progress, desc=desc,
                                                     leave=False)):
-            x, y = pad_batch(images, start, size), pad_batch(labels, start, size)
-            if self.mesh is not None:
-                x, y = parallel.put((x, y), parallel.batch_sharded(self.mesh))
-            yield index, x, y, valid
+            yield (index, *self._place(pad_batch(images, start, size),
+                                       pad_batch(labels, start, size)), valid)
 
     def _params(self, params, model_state):
         if self.mesh is None:
@@ -194,6 +219,12 @@ class Evaluator:
         named = [(CLEAN, None)] + list(attacks.items())
         out = {}
         for name, attack in named:
+            stages = staged(attack)
+            if stages is not None:
+                out[name] = self._run_stages(params, model_state, images, labels, stages,
+                                             out[CLEAN].correct, keys_lib.derive(key, name),
+                                             progress, name)
+                continue
             # The clean program ignores its key: any fixed one keeps the signature uniform.
             attack_key = _UNUSED_KEY if attack is None else keys_lib.derive(key, name)
             correct, loss = [], []
@@ -220,11 +251,40 @@ class Evaluator:
         for name, outcome in results.items():
             prefix = "" if name == CLEAN else f"{name}_"
             out[f"{prefix}accuracy"] = float(outcome.correct.mean())
-            out[f"{prefix}loss"] = float(outcome.loss.mean())
+            if outcome.stages is None:
+                out[f"{prefix}loss"] = float(outcome.loss.mean())
+            else:
+                out.update({f"{name}/{stage}_accuracy": float(robust.mean())
+                            for stage, robust in outcome.stages.items()})
         if attacks:
             worst = np.logical_and.reduce([r.correct for r in results.values()])
             out[f"{WORST_CASE}_accuracy"] = float(worst.mean())
         return out
+
+    def _run_stages(self, params, model_state, images, labels, stages: Mapping[str, Attack],
+                    robust, key, progress: bool, desc: str) -> PerExample:
+        """A staged attack on the images ``robust`` before it (clean-correct)."""
+        programs = [self.program(attack) for attack in stages.values()]
+        size, shards = self._size(len(images)), parallel.num_shards(self.mesh)
+        # Chunk sizes: the batch and its halvings, each a multiple of the devices.
+        buckets = sorted({max(shards, (size >> k) // shards * shards) for k in range(5)})
+
+        def stage_fn(index, x, y, chunk_key):
+            return programs[index](params, model_state, *self._place(x, y), chunk_key)[0]
+
+        bar = tqdm(total=len(stages), disable=not progress, desc=desc, leave=False)
+        done = {}
+
+        def advance(stage, finished, total):
+            if finished == total and stage not in done:
+                done[stage] = True
+                bar.update(1)
+
+        flags = autoattack.run_stages(stage_fn, images, labels, robust, key, stages=tuple(stages),
+                                      batch_size=size, bucket_sizes=buckets, progress=advance)
+        bar.close()
+        last = flags[tuple(stages)[-1]]
+        return PerExample(last, np.full(len(images), np.nan, np.float32), flags)
 
     def adversarial_examples(self, params, model_state, images, labels, attack: Attack,
                              key: jax.Array) -> np.ndarray:
@@ -375,6 +435,31 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
         if not check.passed:  # The caller reports them (the engine in summary.json and the report).
             logging.info("Robustness sanity check FAILED: %s: %s", check.name, check.detail)
     return checks
+
+
+def square_check(stage_accuracies: Mapping[str, float], num_examples: int, *,
+                 slack: float = 0.01) -> Check:
+    """Gradient masking seen by AutoAttack: its gradient-free last stage (Square) attacks only the
+    images APGD-CE, APGD-T and FAB-T all left robust, so whatever it breaks, every gradient
+    attack missed. More than ``slack`` (a fraction of the images) means the gradients mislead
+    (Croce & Hein 2020): only the gradient-free number holds.
+
+    ``stage_accuracies``: robust accuracy after each stage, in order, Square last.
+    """
+    stages = list(stage_accuracies)
+    if len(stages) < 2 or stages[-1] != "square":
+        raise ValueError(f"stage_accuracies has stages {stages}; expected AutoAttack's, Square "
+                         "last.")
+    before, after = stage_accuracies[stages[-2]], stage_accuracies["square"]
+    broken = before - after
+    count = round(broken * num_examples)
+    passed = broken <= slack + 1e-9
+    detail = (f"Square broke {count} of {num_examples} images ({100 * broken:.2f} %) that every "
+              f"gradient attack missed; slack {100 * slack:g} %"
+              + ("" if passed else " (gradient masking: trust the gradient-free number)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: square_finds_nothing_new: %s", detail)
+    return Check("square_finds_nothing_new", passed, detail)
 
 
 def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from sparse_robust import attacks, autoattack, fab, losses
+from sparse_robust import attacks, autoattack, evaluation, fab, losses
 from test_attacks import NumpyMLP, fast_key
 
 NUM_CLASSES = 5
@@ -394,21 +394,51 @@ def test_run_stages_validates_its_arguments():
         autoattack.run_stages(lambda *a: np.ones(2, bool), *args[1:], **ok)
 
 
-def test_evaluate_stages_on_a_model_matches_direct_computation():
-    apply_fn = lambda variables, z: MODEL.jax_logits(z) * variables["scale"]
-    stages = {"fgsm": attacks.make_attack("fgsm", eps=EPS),  # Deterministic stages: the result
-              "fab_t": attacks.make_attack("fab_t", eps=EPS, **SMALL)}  # cannot depend on chunking.
+def test_the_evaluator_runs_autoattack_stage_by_stage():
+    """evaluation.Evaluator runs AutoAttack through run_stages: cumulative per-stage robustness,
+    the same robust accuracy as the batch version (other keys: within a few images), and one
+    program per stage and chunk size."""
+    model_fn = lambda params, state, z, train: (MODEL.jax_logits(z) * params["scale"], state)
     x = np.concatenate([X, X[:12] * 0.9])
     y = np.concatenate([Y, (Y[:12] + 1) % NUM_CLASSES])  # Some clean mistakes.
-    compiled = autoattack._still_robust._cache_size()
-    results = autoattack.evaluate_stages(apply_fn, {"scale": 1.0}, x, y, fast_key(0), stages=stages,
-                                         batch_size=32, bucket_sizes=(8,))
-    logits_fn = MODEL.jax_logits
-    clean = predicted(logits_fn, x) == y
-    fgsm = predicted(logits_fn, attacks.fgsm(logits_fn, x, y, eps=EPS)) == y
-    fab_t = predicted(logits_fn, attacks.fab_t(logits_fn, x, y, eps=EPS, **SMALL)) == y
-    np.testing.assert_array_equal(results["clean"], clean)
-    assert np.mean(results["fgsm"] != (clean & fgsm)) <= 1 / len(x)  # Rounding may flip a tie.
-    assert np.mean(results["fab_t"] != (clean & fgsm & fab_t)) <= 1 / len(x)
-    # One program per (stage or clean check) and bucket used, whatever the number of chunks.
-    assert autoattack._still_robust._cache_size() - compiled <= 3 * 2
+    attack = attacks.make_attack("autoattack", eps=EPS, **STAGE_SETTINGS)
+    evaluator = evaluation.Evaluator(model_fn, batch_size=32)
+    result = evaluator.per_example({"scale": 1.0}, {}, x, y, {"aa": attack}, fast_key(0))
+    clean, staged = result["clean"].correct, result["aa"]
+    assert list(staged.stages) == list(attacks.AUTOATTACK_STAGES)
+    previous = clean
+    for stage in attacks.AUTOATTACK_STAGES:  # each stage only ever removes robust images
+        assert not np.any(staged.stages[stage] & ~previous)
+        previous = staged.stages[stage]
+    np.testing.assert_array_equal(staged.correct, staged.stages["square"])
+    _, flags = jax.jit(lambda x, y, k: attacks.autoattack_with_flags(
+        MODEL.jax_logits, x, y, k, eps=EPS, **STAGE_SETTINGS))(x, y, fast_key(0))
+    assert abs(staged.correct.mean() - np.asarray(flags["square"]).mean()) <= 3 / len(x)
+    assert staged.correct.mean() < clean.mean()  # AutoAttack broke something
+    for stage_attack in attacks.autoattack_stages(EPS, **STAGE_SETTINGS).values():
+        assert evaluator.program(stage_attack)._cache_size() <= 5  # the chunk sizes, no more
+    summary = evaluator.evaluate({"scale": 1.0}, {}, x, y, {"aa": attack}, fast_key(0))
+    assert summary["aa_accuracy"] == summary["aa/square_accuracy"] == staged.correct.mean()
+    assert "aa_loss" not in summary  # no single adversarial point, no loss
+
+
+def test_the_square_check_flags_a_gradient_masked_model():
+    """On the rounded-input model only Square breaks points; the check says so. On an honest
+    model Square finds (almost) nothing new."""
+    settings = dict(num_steps=10, n_target_classes=3, num_queries=100)
+    attack = attacks.make_attack("autoattack", eps=MASKED_EPS, **settings)
+    model_fn = lambda params, state, z, train: (rounded_logits_fn(z), state)
+    measured = evaluation.Evaluator(model_fn, batch_size=len(MASKED_X)).evaluate(
+        {}, {}, MASKED_X, MASKED_Y, {"aa": attack}, fast_key(3))
+    stages = {s: measured[f"aa/{s}_accuracy"] for s in attacks.AUTOATTACK_STAGES}
+    check = evaluation.square_check(stages, len(MASKED_X))
+    assert not check.passed and "gradient masking" in check.detail
+    assert stages["fab_t"] == 1.0 and stages["square"] < 0.5  # gradients found nothing at all
+    honest_model = lambda params, state, z, train: (MODEL.jax_logits(z), state)
+    honest = evaluation.Evaluator(honest_model, batch_size=len(X)).evaluate(
+        {}, {}, X, Y, {"aa": attacks.make_attack("autoattack", eps=EPS, **settings)},
+        fast_key(3))
+    assert evaluation.square_check({s: honest[f"aa/{s}_accuracy"]
+                                    for s in attacks.AUTOATTACK_STAGES}, len(X), slack=0.05).passed
+    with pytest.raises(ValueError, match="Square last"):
+        evaluation.square_check({"apgd_ce": 0.5}, 10)

@@ -28,7 +28,8 @@ def tiny_config():
     cfg.train.update(batch_size=16, num_steps=4)
     cfg.retrain.num_steps = cfg.branches.hydra.num_steps = 2
     cfg.branches.hydra.learning_rate = 0.05
-    cfg.eval.update(every=2, num_examples=32, batch_size=32, attacks="fgsm,pgd", sanity_examples=0)
+    cfg.eval.update(every=2, num_examples=32, batch_size=32, attacks="fgsm,pgd", sanity_examples=0,
+                    final_examples=0)
     cfg.checkpoint_every = 2
     cfg.train.attack = cfg.eval.attack = "fgsm"  # compiles faster than PGD
     cfg.attacks.pgd.num_steps = 2

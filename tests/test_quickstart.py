@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     config.data.update(source="idx", train_limit=10_000)
     config.train.num_steps = 400
     config.eval.update(every=200, num_examples=300, final_examples=300)
-    config.attacks.apgd_ce.num_steps = config.attacks.apgd_dlr.num_steps = 20
+    config.attacks.autoattack.update(num_steps=20, n_target_classes=3, num_queries=300)
     config.checkpoint_every = 200
     config.prune.levels = 2
     config.branches.levels = "2"
@@ -37,7 +37,9 @@ def test_the_sparsest_ticket_is_robust_far_above_chance(run):
     sparsest = max((r for r in run.records if "branch" not in r), key=lambda r: r["level"])
     assert sparsest["weights_remaining"] < 0.15
     robust = sparsest["robust_accuracy"]
-    assert set(robust) == {"pgd20", "apgd_ce", "apgd_dlr", "worst_case"}
+    assert set(robust) == {"pgd20", "autoattack", "worst_case"}
+    assert list(sparsest["attack_stages"]["autoattack"]) == ["apgd_ce", "apgd_t", "fab_t",
+                                                             "square"]
     assert robust["worst_case"] == min(robust.values())
     assert robust["worst_case"] > 0.3  # chance is 0.1
     assert {r.get("branch") for r in run.records} == {None, "reinit", "random"}
@@ -50,6 +52,7 @@ def test_the_conclusion_is_computed_from_the_records(run):
     worst = lambda key: round(100 * by[key]["robust_accuracy"]["worst_case"], 1)
     assert numbers == [round(100 * by[(2, None)]["weights_remaining"], 1), worst((2, None)),
                        worst((0, None)), worst((2, "reinit")), worst((2, "random"))]
-    assert "PGD-20 ε=0.1, APGD-CE-20 ε=0.1, APGD-DLR-20 ε=0.1; 300 test images" in text
+    assert ("PGD-20 ε=0.1, AutoAttack ε=0.1 (20 steps, 3 targets, 300 queries); 300 test images"
+            in text)
     # The printed report ends with it.
     assert report.write_report([run.workdir]).rstrip().endswith(text)

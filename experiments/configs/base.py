@@ -23,6 +23,8 @@ def attack_presets() -> ml_collections.ConfigDict:
                     "label_source": "true"},
         "apgd_dlr": {"name": "apgd", "eps": 0.3, "num_steps": 100, "norm": "linf", "loss": "dlr",
                      "label_source": "true"},
+        # The standard: APGD-CE -> APGD-T -> FAB-T -> Square, each on the images still robust.
+        "autoattack": {"name": "autoattack", "eps": 0.3, "norm": "linf", "label_source": "true"},
     })
 
 
@@ -64,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
         "num_examples": 2_000,     # examples of val and test used at each measurement (0 = all)
         "batch_size": 1_000,
         "attack": "fgsm",          # attack of the periodic measurements
-        "attacks": "fgsm,pgd",     # attacks of the final test evaluation, comma-separated labels
+        "attacks": "fgsm,pgd,autoattack",  # attacks of the final test evaluation (labels)
         "final_examples": 0,       # test images of the final evaluation (0 = all)
         "early_stop_metric": "objective",  # lowest validation value of: objective | clean_loss | adv_loss
         # Gradient-masking checks on this many test images after each level (0 = off):

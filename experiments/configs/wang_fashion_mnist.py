@@ -5,7 +5,8 @@ and 99% sparsity; the chain reaches each target in 2 rounds of global magnitude 
 rewinding to θ0 (levels 2, 4 and 6 are the targets, where the branches start); inverse
 inheritance: the dense network of the same architecture inheriting each ticket (zeros elsewhere,
 all weights trainable) vs the same network trained from scratch.
-Evaluation: FGSM and PGD-10 on the full test set (robust = worst case). dense-300-100 because
+Evaluation: FGSM, PGD-10 and AutoAttack (the standard version) on the first 1,000 test images
+(robust = worst case). dense-300-100 because
 lenet-5 trains ~10x slower on CPU (measured: 12 vs 1 PGD-5 steps/s at batch 100).
 
 Schedules are tiny (400 steps of batch 100 for the dense network, tickets and large networks;
@@ -32,7 +33,8 @@ def get_config():
     config.train.num_steps = 400
     config.eval.every = 200
     config.eval.num_examples = 1_000
-    config.eval.attacks = "fgsm,pgd10"
+    config.eval.update(attacks="fgsm,pgd10,autoattack", final_examples=1_000)
+    config.attacks.autoattack.eps = EPS
     config.checkpoint_every = 200
     config.retrain.num_steps = 200
     config.branches.hydra.num_steps = 200

@@ -187,6 +187,11 @@ def attack_title(label: str, settings: Optional[dict]) -> str:
     title = f"{name}-{steps}" if steps and settings.get("name") not in ("fgsm", "autoattack") else name
     title += f" {'ε₂' if settings.get('norm') == 'l2' else 'ε'}={settings.get('eps', 0):g}"
     notes = []
+    if settings.get("name") == "autoattack":  # say so when it is not the standard version
+        notes += [f"{settings[field]} {what}" for field, what, standard in
+                  (("num_steps", "steps", 100), ("n_target_classes", "targets", 9),
+                   ("num_queries", "queries", 5000))
+                  if settings.get(field, standard) != standard]
     if settings.get("restarts", 1) > 1:
         notes.append(f"{settings['restarts']} restarts")
     if settings.get("label_source") == "predicted":

@@ -73,6 +73,10 @@ def legend(runs: Sequence[Run], attacks: Sequence[str]) -> list[str]:
         notes.append("Worst case: an image counts as robust only if it is classified correctly "
                      "clean and under every attack of the table (the per-image minimum over "
                      "the evaluators: the number to trust).")
+    if any((attack_settings(runs, a) or {}).get("name") == "autoattack" for a in attacks):
+        notes.append("AutoAttack: the standard version (Croce & Hein 2020): APGD-CE, then APGD-T, "
+                     "FAB-T and Square, each on the images every earlier stage left robust; the "
+                     "accuracy after each stage is in summary.json (attack_stages).")
     if any((attack_settings(runs, a) or {}).get("label_source") == "predicted" for a in attacks):
         notes.append("pred. labels: the attack pushes away from the model's own prediction (as "
                      "Cosentino et al. measured) and is scored against the true label, so a "
@@ -231,22 +235,23 @@ def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:
     """A markdown list of the gradient-masking checks that failed (``sanity_checks`` in the
     records), one line per run, method, level and trial; "" when none failed."""
     from experiments.report.load import series
-    lines, samples = [], set()
+    lines = []
     for name, _, _, records in series(as_runs(runs)):
         for record in records:
             checks = record.get("sanity_checks") or {}
+            sample = f", first {checks['num_examples']} test images" \
+                if "num_examples" in checks else ""
             for check, outcome in sorted(checks.items()):
                 if isinstance(outcome, dict) and not outcome["passed"]:
-                    samples.add(checks.get("num_examples"))
-                    lines.append(f"- {name}, level {record['level']}, trial {record['trial']}: "
-                                 f"**{check}**: {outcome['detail']}")
+                    where = "" if check.endswith("square_finds_nothing_new") else sample
+                    lines.append(f"- {name}, level {record['level']}, trial {record['trial']}"
+                                 f"{where}: **{check}**: {outcome['detail']}")
     if not lines:
         return ""
-    sample = "/".join(str(n) for n in sorted(samples - {None})) or "some"
-    return (f"Sanity checks FAILED (evaluation.sanity_checks: their own FGSM, PGD-20, APGD-CE and "
-            f"APGD-DLR at the periodic attack's ε, true labels, on the first {sample} test "
-            "images; the robustness numbers they concern are suspect):\n\n"
-            + "\n".join(lines) + "\n")
+    return ("Sanity checks FAILED: the robustness numbers they concern are suspect. The "
+            "gradient-masking checks attack with their own FGSM, PGD-20, APGD-CE and APGD-DLR at "
+            "the periodic attack's ε (true labels); *square_finds_nothing_new* reads AutoAttack's "
+            "stages on the final evaluation's images.\n\n" + "\n".join(lines) + "\n")
 
 
 def conclusion(runs: Union[Run, Sequence[Run]], accuracy: str = "final") -> str:

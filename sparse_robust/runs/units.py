@@ -96,8 +96,9 @@ def _attack_settings(attack) -> dict:
             "label_source": attack.label_source, **dict(attack.options)}
 
 
-def accuracies(ctx: Context, params, model_state, key: jax.Array) -> dict:
-    """{"clean": ..., <label>: ..., "worst_case": ...} on the final evaluation's test images."""
+def accuracies(ctx: Context, params, model_state, key: jax.Array) -> tuple[dict, dict]:
+    """({"clean": ..., <label>: ..., "worst_case": ...}, {<staged label>: {stage: accuracy}})
+    on the final evaluation's test images."""
     n = ctx.eval.final_examples or None
     measured = ctx.evaluator.evaluate(params, model_state, ctx.dataset.test_images[:n],
                                       ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
@@ -106,7 +107,10 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array) -> dict:
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
     if ctx.eval.attacks:
         out[evaluation.WORST_CASE] = measured[f"{evaluation.WORST_CASE}_accuracy"]
-    return out
+    stages = {label: {key_[len(label) + 1:-len("_accuracy")]: value
+                      for key_, value in measured.items() if key_.startswith(f"{label}/")}
+              for label in ctx.eval.attacks}
+    return out, {label: values for label, values in stages.items() if values}
 
 
 def _sanity_checks(ctx: Context, params, model_state, key) -> Optional[dict]:
@@ -167,13 +171,17 @@ def _finish(layout: Layout, unit: Unit, outcome: fit_lib.FitOutcome) -> Trained:
     params, model_state = outcome.state.params, outcome.state.model_state
     store.save_tree_if_missing(unit.files.final_variables, (params, model_state))
     final_key = unit.keys.final
-    final = accuracies(ctx, params, model_state, final_key)
+    final, stages = accuracies(ctx, params, model_state, final_key)
     best = final if outcome.best_step == int(outcome.state.step) else accuracies(
-        ctx, outcome.best_params, outcome.best_model_state, final_key)
+        ctx, outcome.best_params, outcome.best_model_state, final_key)[0]
+    checks = _sanity_checks(ctx, params, model_state, keys_lib.derive(final_key, "sanity"))
+    for label, by_stage in stages.items():  # AutoAttack's own gradient-masking check
+        check = evaluation.square_check(by_stage, ctx.eval.final_examples or ctx.dataset.num_test)
+        checks = dict(checks or {}, **{f"{label}_{check.name}": {"passed": bool(check.passed),
+                                                                 "detail": check.detail}})
+    extra = {"attack_stages": stages} if stages else {}
     record = record_of(
-        unit, outcome, final, best,
-        sanity_checks=_sanity_checks(ctx, params, model_state,
-                                     keys_lib.derive(final_key, "sanity")),
+        unit, outcome, final, best, sanity_checks=checks, **extra,
         diagnostics=_diagnostics(ctx, params, model_state, unit.mask,
                                  keys_lib.derive(final_key, "diagnostics")))
     write_record(layout, unit.files, record)
