@@ -17,6 +17,7 @@ import ml_collections
 from sparse_robust import data as data_lib
 from sparse_robust.runs import branches as branches_lib
 from sparse_robust.runs import context as context_lib
+from sparse_robust.runs import hosts
 from sparse_robust.runs import lottery
 from sparse_robust.runs import schema
 from sparse_robust.runs import units as units_lib
@@ -117,6 +118,8 @@ def execute(ctx, layout: Layout, plan: Plan) -> list[dict]:
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
         dataset: Optional[data_lib.Dataset] = None) -> list[dict]:
     """Run (or resume) ``config`` in ``workdir``; returns the summary records."""
+    if config.parallel.distributed:
+        hosts.join()
     schema.validate(config)
     fields = schema.result_fields(config)
     layout = Layout(workdir)
