@@ -4,7 +4,8 @@ Two CLI processes with one CPU device each (gloo collectives over localhost, on 
 run time) train a tiny lottery (2 levels) into one workdir, while one process with 2 simulated
 devices and one with 1 device train it too. Then: killing both processes mid-level and launching
 them again resumes to the same final numbers; killing one stops the other with a clear error
-within the heartbeat timeout; a workdir that process 0 refuses, or configs that differ, stop both.
+within the heartbeat timeout; a workdir that process 0 refuses, configs that differ or data missing on
+one process stop both.
 """
 
 import os
@@ -197,19 +198,21 @@ def test_a_process_that_dies_stops_the_other_within_the_timeout(
         assert "another task died" in err, err
 
 
-@pytest.mark.parametrize("process_1_extra, message", [
-    ((), "is not a sparse_robust workdir"),
-    (("--config.train.learning_rate=0.002",), "were given different configs"),
-])
+@pytest.mark.parametrize("foreign, process_1_extra, message", [
+    (True, (), "is not a sparse_robust workdir"),  # process 0 refuses the workdir
+    (False, ("--config.train.learning_rate=0.002",), "were given different configs"),
+    (False, ("--config.data.data_dir=/nonexistent",), "not found"),  # on process 1 only
+], ids=["workdir_refused", "configs_differ", "data_missing_on_process_1"])
 def test_a_refusal_stops_every_process(config_file, start_cli, env, tmp_path, tree_digest,
-                                       process_1_extra, message):
-    path = tmp_path / "thesis"
-    path.mkdir()
-    (path / "thesis.tex").write_text("\\documentclass{article}")
-    before = tree_digest(path)
+                                       foreign, process_1_extra, message):
+    path = tmp_path / "run"
+    if foreign:
+        path.mkdir()
+        (path / "thesis.tex").write_text("\\documentclass{article}")
+    before = tree_digest(tmp_path)
     processes = launch(start_cli, env, config_file, path, process_1_extra)
     for process, (code, _, err) in enumerate(map(outcome, processes)):
         assert code == 2, f"process {process}: {err}"
         [line] = error_lines(err)
         assert message in line, err
-    assert tree_digest(path) == before
+    assert tree_digest(tmp_path) == before  # nothing created or changed
