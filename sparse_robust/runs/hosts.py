@@ -46,10 +46,6 @@ LOST_EXIT_CODE = 3
 # How long a process waits for the others at a sync point: long, since one may legitimately be
 # busy (process 0 writing the report); a dead process is noticed sooner by JAX's heartbeats.
 _WAIT_MS = 30 * 60 * 1000
-_USER_ERRORS = {cls.__name__: cls for cls in (
-    errors.UserError, errors.ConfigError, errors.WorkdirError, errors.CorruptFileError,
-    errors.DivergedError, errors.DiskError, errors.LaunchError, errors.ProcessError,
-    data_lib.DataError)}
 # What collectives (gloo on CPU, NCCL on GPU) and the coordination service say when a peer is gone.
 _LOST = re.compile(r"gloo .*failed|nccl|coordination service|heartbeat|barrier timed out|"
                    r"connection (closed|reset)|socket closed", re.IGNORECASE)
@@ -125,10 +121,20 @@ def _wait(call: Callable[[], T], what: str) -> T:
             from None
 
 
+def _user_errors() -> dict:
+    """The errors the CLI prints as one line, by class name (to raise one again elsewhere)."""
+    found, todo = {}, [errors.UserError, data_lib.DataError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
 def _outcome(err: BaseException) -> dict:
     """What the other processes learn of an error raised here."""
     name = type(err).__name__
-    if name in _USER_ERRORS:
+    if name in _user_errors():
         return {"error": name, "message": str(err)}
     return {"error": None, "message": f"{name}: {_first_line(err)}"}
 
@@ -137,7 +143,7 @@ def _raise_remote(outcome: dict, process: int) -> None:
     """Raise here the error that ``process`` reported."""
     if outcome["error"] is None:  # not the user's mistake: its traceback is in that process's log
         raise errors.ProcessError(f"process {process} of {count()} stopped: {outcome['message']}")
-    raise _USER_ERRORS[outcome["error"]](outcome["message"])
+    raise _user_errors()[outcome["error"]](outcome["message"])
 
 
 def on_primary(fn: Callable[[], T], what: str) -> T:
