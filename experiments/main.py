@@ -8,6 +8,14 @@ Re-running the same command resumes: finished levels are skipped and an interrup
 from its last checkpoint. A different config in the same workdir is refused unless --overwrite,
 which moves the old run aside (DIR.replaced-<time>); a directory that is not a workdir is never
 touched. When the run ends, the table is printed and plots are written to WORKDIR/report/.
+
+Several processes (one per host; or several on one machine) run one experiment together when
+each is given the same --coordinator_address=HOST:PORT (process 0's host and a free port) and
+--num_processes=N, and its own --process_id; under SLURM, Open MPI or on a TPU pod,
+--config.parallel.distributed=True detects all three. Process 0 writes the workdir, which must be
+on a file system every process shares. If a process dies, the others stop within
+--heartbeat_timeout seconds (exit status 3 when they notice it themselves).
+
 Any field can be overridden with --config.<field>=<value>; the fields, their defaults (those of
 experiments/configs/base.py) and their allowed values:
 
@@ -25,6 +33,7 @@ from ml_collections import config_flags
 
 from sparse_robust import data as data_lib
 from sparse_robust.runs import errors
+from sparse_robust.runs import hosts
 from sparse_robust.runs import pipeline
 from sparse_robust.runs import schema
 from sparse_robust.runs import store
@@ -35,6 +44,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Move a run with a different config found in --workdir aside "
                                "(to WORKDIR.replaced-<time>) and start afresh.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run: HOST:PORT where process 0 serves the "
+    "coordination (the same on every process). Default: $JAX_COORDINATOR_ADDRESS, or detected "
+    "under SLURM / Open MPI / TPU pods with --config.parallel.distributed=True.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process run: how many processes run it.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's id, "
+                                   "0 .. num_processes-1 (process 0 writes the workdir).",
+                                   lower_bound=0)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", hosts.Launch.heartbeat_timeout, "Multi-process run: seconds without "
+    "news from a process after which it is declared dead and the others stop.", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (errors.UserError, data_lib.DataError)
@@ -85,13 +107,24 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def run_and_report(config, workdir: str, overwrite: bool = False, dataset=None) -> int:
+def _report(workdir: str) -> str:
+    from experiments import report
+    return report.write_report([workdir])
+
+
+def run_and_report(config, workdir: str, overwrite: bool = False, dataset=None,
+                   launch: hosts.Launch | None = None) -> int:
     """Run ``config`` in ``workdir`` and print its table; returns the exit code. A user's mistake
-    (config, data, workdir, disk, divergence) is printed as one line, ``error: ...``."""
+    (config, data, workdir, disk, divergence) is printed as one line, ``error: ...``. With a
+    ``launch``, this process first joins the others of a multi-process run; if one of them dies,
+    this one prints one line and exits at once with ``hosts.LOST_EXIT_CODE``."""
     try:
+        if launch is not None:
+            hosts.join(launch)
         pipeline.run(config, workdir, overwrite=overwrite, dataset=dataset)
-        from experiments import report
-        print(report.write_report([workdir]))
+        table = hosts.on_primary(lambda: _report(workdir), "the report")
+        if hosts.is_primary():
+            print(table)
         return 0
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
@@ -103,6 +136,12 @@ def run_and_report(config, workdir: str, overwrite: bool = False, dataset=None) 
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to resume {workdir}.", file=sys.stderr)
         return 130
+    except Exception as err:
+        lost = hosts.lost_contact(err)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        hosts.abandon(hosts.LOST_EXIT_CODE)
     return 2
 
 
@@ -111,7 +150,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    sys.exit(run_and_report(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value))
+    config = _CONFIG.value
+    launch = hosts.Launch(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                          _HEARTBEAT_TIMEOUT.value)
+    joins = launch.explicit or config.parallel.distributed
+    sys.exit(run_and_report(config, _WORKDIR.value, _OVERWRITE.value,
+                            launch=launch if joins else None))
 
 
 def _help_text() -> str:

@@ -18,7 +18,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sparse_robust import masks as masks_lib
@@ -178,11 +177,12 @@ class _SteppedLoop:
         self._step, self._step_axis = step, int(vmap_trials)
 
     def __call__(self, state, images, labels, indices):
-        indices = np.asarray(indices)  # slices go to the step's own input sharding
         step_metrics = []
         for i in range(indices.shape[self._step_axis]):
-            state, metrics = self._step(state, images, labels,
-                                        np.take(indices, i, axis=self._step_axis))
+            # Sliced where it lies: a batch-sharded array of several processes keeps its sharding
+            # (a host copy could not be sharded again across them).
+            step_indices = jax.lax.index_in_dim(indices, i, self._step_axis, keepdims=False)
+            state, metrics = self._step(state, images, labels, step_indices)
             step_metrics.append(metrics)
         return state, jax.tree_util.tree_map(
             lambda *m: jnp.stack(m, axis=self._step_axis), *step_metrics)

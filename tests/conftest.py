@@ -1,6 +1,12 @@
 """Tiny models and an FGSM attack shared by the core tests (defined here so the tests do not
 depend on ``sparse_robust.models`` / ``sparse_robust.attacks``)."""
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -234,3 +240,52 @@ def one_error_line(capsys):
 
     read.clear = capsys.readouterr  # forget what was printed before the run under test
     return read
+
+
+# ---------------------------------------------------------------------------- CLI processes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_cli(config_file, path, *extra, env=None):
+    """``python -m experiments.main`` on CPU in a subprocess, stdout and stderr piped; ``env``
+    replaces the inherited environment."""
+    env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "experiments.main", f"--config={config_file}",
+                             f"--workdir={path}", *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def wait_for_holder(path, process, timeout=120):
+    """The lock file's holder once ``process`` holds the workdir."""
+    from sparse_robust.runs.layout import Layout
+    lock = Layout(str(path)).lock
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        if os.path.exists(lock) and open(lock).read().strip():
+            return json.loads(open(lock).read())
+        time.sleep(0.05)
+    raise AssertionError("the run never took the lock")
+
+
+@pytest.fixture(scope="session", name="start_cli")
+def _start_cli():
+    return start_cli
+
+
+@pytest.fixture(scope="session", name="wait_for")
+def _wait_for():
+    return wait_for
+
+
+@pytest.fixture(scope="session", name="wait_for_holder")
+def _wait_for_holder():
+    return wait_for_holder

@@ -5,9 +5,6 @@ check has passed. Real CLI processes run a tiny config on a tiny IDX dataset."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -15,34 +12,6 @@ from experiments import main as cli
 from sparse_robust.runs import store, workdir
 from sparse_robust.runs.errors import CorruptFileError, WorkdirError
 from sparse_robust.runs.layout import Layout
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def start_cli(config_file, path, *extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-m", "experiments.main", f"--config={config_file}",
-                             f"--workdir={path}", *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_holder(path, process, timeout=120):
-    """The lock file's holder once ``process`` holds the workdir."""
-    lock = Layout(str(path)).lock
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        if os.path.exists(lock) and open(lock).read().strip():
-            return json.loads(open(lock).read())
-        time.sleep(0.05)
-    raise AssertionError("the run never took the lock")
-
-
-def wait_for(path, timeout=120):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +24,7 @@ def finished(tiny_config_file, load_config, tmp_path_factory):
 
 
 def test_two_processes_on_one_workdir_one_runs_the_other_is_refused(
-        tiny_config_file, load_config, tmp_path, one_error_line):
+        tiny_config_file, load_config, tmp_path, one_error_line, start_cli, wait_for_holder):
     config_file = tiny_config_file(200)
     path = tmp_path / "run"
     first = start_cli(config_file, path)
@@ -78,7 +47,8 @@ def test_two_processes_on_one_workdir_one_runs_the_other_is_refused(
     assert not any(name.startswith("run.replaced") for name in os.listdir(tmp_path))
 
 
-def test_a_killed_holders_lock_is_taken_over(tiny_config_file, load_config, tmp_path):
+def test_a_killed_holders_lock_is_taken_over(tiny_config_file, load_config, tmp_path, start_cli,
+                                             wait_for, wait_for_holder):
     config_file = tiny_config_file(200)
     path = tmp_path / "run"
     first = start_cli(config_file, path)

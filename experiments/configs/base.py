@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.diagnostics = ml_collections.ConfigDict({"num_examples": 0, "num_iters": 50})
     config.parallel = ml_collections.ConfigDict({
         "num_devices": 0,          # data parallel over this many devices; 0 = all, 1 = no sharding
-        "distributed": False,      # multi-process: call jax.distributed.initialize() first
+        "distributed": False,      # multi-process: join the other processes (README)
         "trials_at_once": 1,       # trials trained together under vmap (pays on accelerators)
     })
     config.checkpoint_every = 5_000  # steps; a multiple of eval.every keeps resumes exact

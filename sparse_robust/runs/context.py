@@ -29,6 +29,7 @@ from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
 from sparse_robust import pruning
 from sparse_robust import training
+from sparse_robust.runs import hosts
 from sparse_robust.runs import schema
 from sparse_robust.runs.errors import ConfigError
 from sparse_robust.runs.progress import Progress
@@ -196,12 +197,17 @@ def make_optimizer_fn(train) -> Callable[[float], optax.GradientTransformation]:
 
 def make_mesh(parallel_config, devices=None):
     """The data-parallel mesh of ``config.parallel`` (always a mesh, also of one device: fixed
-    input shardings keep every level on one compiled program)."""
+    input shardings keep every level on one compiled program). Across processes it spans the
+    devices of all of them."""
     devices = jax.devices() if devices is None else devices
     if parallel_config.num_devices > len(devices):
         raise ConfigError(f"config.parallel.num_devices = {parallel_config.num_devices} is "
                           f"invalid: {len(devices)} device(s) visible; use at most that, or 0 "
                           "for all.")
+    if jax.process_count() > 1 and parallel_config.num_devices not in (0, len(devices)):
+        raise ConfigError(f"config.parallel.num_devices = {parallel_config.num_devices} is "
+                          f"invalid with {jax.process_count()} processes: the mesh must hold "
+                          f"the devices of every process; use 0 (all {len(devices)}).")
     return parallel.make_mesh(devices[:parallel_config.num_devices or len(devices)])
 
 
@@ -273,8 +279,8 @@ def _check_model(config, model: nn.Module, dataset: data_lib.Dataset) -> None:
 
 def from_config(config: ml_collections.ConfigDict,
                 dataset: Optional[data_lib.Dataset] = None) -> Context:
-    """The context of a validated config (``schema.validate``); loads the data unless given."""
-    parallel.initialize_distributed(config.parallel.distributed)
+    """The context of a validated config (``schema.validate``); loads the data unless given.
+    A multi-process run must have joined its processes first (``hosts.join``)."""
     mesh = make_mesh(config.parallel)
     dataset = load_data(config) if dataset is None else dataset
     _check_sizes(config, dataset, mesh)
@@ -306,5 +312,5 @@ def from_config(config: ml_collections.ConfigDict,
         eval=plan, mesh=mesh, seed=config.seed,
         scan=uses_scan(train.loop, model, dataset.train_images[:1]), augment=train.augment,
         trials_at_once=config.parallel.trials_at_once,
-        progress=Progress(enabled=config.progress),
+        progress=Progress(enabled=config.progress and hosts.is_primary()),  # one set of bars
         make_optimizer=make_optimizer, learning_rate=train.learning_rate)

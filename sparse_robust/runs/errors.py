@@ -27,3 +27,11 @@ class DivergedError(UserError):
 
 class DiskError(UserError):
     """A write failed for lack of space or permission; the message names the path."""
+
+
+class LaunchError(UserError):
+    """The processes of a multi-process run cannot find each other (address, count, id)."""
+
+
+class ProcessError(UserError):
+    """Another process of a multi-process run stopped with an error (its log has the details)."""

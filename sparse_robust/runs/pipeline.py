@@ -5,6 +5,10 @@ Order matters: every check that can be made before compute is made before the wo
 (``schema.validate``, ``workdir.precheck``, ``context.from_config``), so a bad input changes
 nothing on disk. The `Plan` is the config's pipeline part as plain values; `execute` runs a plan
 with a context and a layout (no config involved).
+
+With ``config.parallel.distributed`` (or after the CLI's ``hosts.join``) the run spans several
+processes: each check is made on every process and stops them all when it fails on one, and the
+processes must have been given the same config (see ``hosts``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import ml_collections
 from sparse_robust import data as data_lib
 from sparse_robust.runs import branches as branches_lib
 from sparse_robust.runs import context as context_lib
+from sparse_robust.runs import hosts
 from sparse_robust.runs import lottery
 from sparse_robust.runs import schema
 from sparse_robust.runs import units as units_lib
 from sparse_robust.runs import workdir as workdir_lib
+from sparse_robust.runs.errors import ConfigError
 from sparse_robust.runs.fields import comma_list
 from sparse_robust.runs.layout import Layout
 
@@ -114,14 +120,31 @@ def execute(ctx, layout: Layout, plan: Plan) -> list[dict]:
     return units_lib.records(layout)
 
 
+def _result_fields(config: ml_collections.ConfigDict) -> dict:
+    schema.validate(config)
+    return schema.result_fields(config)
+
+
+def _checked_fields(config: ml_collections.ConfigDict, overwrite: bool) -> dict:
+    """The result fields of a valid config, the same on every process."""
+    fields = hosts.agree(lambda: _result_fields(config), "the config check")
+    asked = hosts.gather([workdir_lib.run_id(fields), overwrite], "the config check")
+    if any(other != asked[0] for other in asked):
+        raise ConfigError("the processes of this run were given different configs or "
+                          f"--overwrite ([run id, overwrite] by process: {asked}); launch every "
+                          "process with the same --config, overrides and flags.")
+    return fields
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
         dataset: Optional[data_lib.Dataset] = None) -> list[dict]:
     """Run (or resume) ``config`` in ``workdir``; returns the summary records."""
-    schema.validate(config)
-    fields = schema.result_fields(config)
+    if config.parallel.distributed:
+        hosts.join()
+    fields = _checked_fields(config, overwrite)
     layout = Layout(workdir)
     workdir_lib.precheck(layout, fields, overwrite)
-    ctx = context_lib.from_config(config, dataset)
+    ctx = hosts.agree(lambda: context_lib.from_config(config, dataset), "loading the data")
     plan = plan_of(config)
     with workdir_lib.claim(layout, fields, overwrite):
         return execute(ctx, layout, plan)

@@ -103,7 +103,9 @@ FIELDS: tuple[Field, ...] = (
           "Test images of the sparsity-robustness diagnostics of each unit (0 = off)."),
     field("diagnostics.num_iters", integer(1), "Power iterations of the spectral norms."),
     field("parallel.num_devices", integer(0), "Devices of the data-parallel mesh (0 = all)."),
-    field("parallel.distributed", boolean(), "Multi-process run: call jax.distributed.initialize."),
+    field("parallel.distributed", boolean(),
+          "Multi-process run: join the other processes (detected under SLURM, Open MPI, TPU "
+          "pods; or see --coordinator_address)."),
     field("parallel.trials_at_once", integer(1),
           "Trials trained together under jax.vmap (pays on accelerators)."),
     field("checkpoint_every", integer(1), "Steps between checkpoints (a multiple of eval.every)."),

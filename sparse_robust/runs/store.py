@@ -3,6 +3,11 @@
 Every write is atomic (a temporary file or directory, then a rename), so a kill leaves the old
 file or the new one, never half of one. Every failure names the file: a file that cannot be read
 is a `CorruptFileError`, a write refused for lack of space or permission a `DiskError`.
+
+In a multi-process run (see ``hosts``) every process calls the same functions in the same order:
+process 0 alone writes JSON files and masks, every process saves checkpoints together (as orbax
+expects) and every process reads what it needs, each restoring checkpoints in full onto its own
+first device, as a single process would.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_robust import masks as masks_lib
+from sparse_robust.runs import hosts
 from sparse_robust.runs.errors import CorruptFileError, DiskError
 
 _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -78,12 +84,15 @@ def to_json(obj: Any) -> Any:
 
 
 def _write_text(path: str, text: str) -> None:
-    with writing(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    def write():
+        with writing(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+
+    hosts.on_primary(write, path)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -113,11 +122,16 @@ def read_jsonl(path: str) -> list:
 
 
 def save_mask(path: str, mask) -> None:
-    with writing(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.npz"
-        np.savez_compressed(tmp, **masks_lib.mask_to_numpy(mask))
-        os.replace(tmp, path)
+    arrays = masks_lib.mask_to_numpy(mask)
+
+    def write():
+        with writing(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp.npz"
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, path)
+
+    hosts.on_primary(write, path)
 
 
 def load_mask(path: str, params) -> Any:
@@ -141,7 +155,24 @@ def read_mask_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def _abstract(tree):
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    """What orbax restores ``tree``'s leaves as. Across processes: every leaf whole on this
+    process's first device (each process reads the checkpoint in full), as with one process."""
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    if hosts.count() == 1:
+        return abstract
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), abstract)
+
+
+def _savable(tree):
+    """Across processes, orbax saves numpy arrays and global arrays but refuses arrays on one
+    process's device; those (identical on every process) are saved from the host."""
+    if hosts.count() == 1:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+        tree)
 
 
 def exists(path: str) -> bool:
@@ -151,7 +182,7 @@ def exists(path: str) -> bool:
 def save_tree(path: str, tree: Any) -> None:
     """Save ``tree`` at ``path`` (a directory that must not exist yet), synchronously."""
     with writing(path), ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), tree)
+        checkpointer.save(os.path.abspath(path), _savable(tree))
 
 
 def save_tree_if_missing(path: str, tree: Any) -> None:
@@ -193,9 +224,14 @@ def load_tree(path: str, like: Any) -> Any:
 
 
 def load_tree_raw(path: str) -> Any:
-    """The pytree at ``path`` as saved (no template), e.g. for the report."""
+    """The pytree at ``path`` as saved (no template), e.g. for the report; read by this process
+    alone (the report is process 0's)."""
+    options = {}
+    if hosts.count() > 1:  # no barriers with processes that are not reading
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=hosts.index(), active_processes={hosts.index()})
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(**options) as checkpointer:
             return checkpointer.restore(os.path.abspath(path))
     except Exception as err:
         raise _unreadable(path, err) from None
@@ -224,7 +260,8 @@ class ProgressCheckpointer:
     def save(self, step: int, tree: Any, extras: dict) -> None:
         with writing(self.directory):
             self._manager.save(step, args=ocp.args.Composite(
-                tree=ocp.args.StandardSave(tree), extras=ocp.args.JsonSave(to_json(extras))),
+                tree=ocp.args.StandardSave(_savable(tree)),
+                extras=ocp.args.JsonSave(to_json(extras))),
                 force=True)
 
     def latest_step(self) -> Optional[int]:

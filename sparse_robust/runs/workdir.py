@@ -14,6 +14,10 @@ with the run id). What a run may do with ``--workdir=DIR``:
 run changes nothing. `claim` makes it again under the lock (another process may have started in
 between), then moves aside or writes the marker and config, and verifies that every JSON file and
 mask a resume will read is readable.
+
+A run of several processes (see ``hosts``) is one run: process 0 makes these decisions and holds
+the lock for all; the others wait for its decision (or its refusal, which they raise too) before
+computing anything, then check that they see the workdir it claimed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import shutil
 from typing import Iterator, Optional
 
+from sparse_robust.runs import hosts
 from sparse_robust.runs import store
 from sparse_robust.runs.errors import WorkdirError, DiskError
 from sparse_robust.runs.layout import MARKER, Layout
@@ -114,10 +119,13 @@ def check_writable(layout: Layout) -> None:
 
 
 def precheck(layout: Layout, fields: dict, overwrite: bool) -> str:
-    """The decision of `claim`, made read-only (nothing is created or changed)."""
-    decision = decide(layout, inspect(layout), fields, overwrite)
-    check_writable(layout)
-    return decision
+    """The decision of `claim`, made read-only (nothing is created or changed) by process 0."""
+    def check() -> str:
+        decision = decide(layout, inspect(layout), fields, overwrite)
+        check_writable(layout)
+        return decision
+
+    return hosts.on_primary(check, f"the check of {layout.root}")
 
 
 def verify_files(layout: Layout) -> None:
@@ -136,9 +144,8 @@ def _start(layout: Layout, fields: dict) -> None:
                                      "created": datetime.datetime.now().isoformat(timespec="seconds")})
 
 
-@contextlib.contextmanager
-def claim(layout: Layout, fields: dict, overwrite: bool = False) -> Iterator[str]:
-    """Hold ``layout``'s workdir for a run of ``fields``; yields "new", "resume" or "replace"."""
+def _take(layout: Layout, fields: dict, overwrite: bool) -> tuple[WorkdirLock, str]:
+    """Lock the workdir and start or resume the run there: (the held lock, the decision)."""
     precheck(layout, fields, overwrite)
     with store.writing(layout.root):
         os.makedirs(layout.root, exist_ok=True)
@@ -156,6 +163,36 @@ def claim(layout: Layout, fields: dict, overwrite: bool = False) -> Iterator[str
             verify_files(layout)
         else:
             _start(layout, fields)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, decision
+
+
+def _check_shared(layout: Layout, fields: dict) -> None:
+    """Every process must see the marker process 0 wrote: they read what it writes."""
+    if not (os.path.isfile(layout.marker)
+            and store.read_json(layout.marker).get("run_id") == run_id(fields)):
+        raise WorkdirError(f"{layout.marker}, written by process 0, is not visible here: "
+                           "--workdir must be a directory that every process shares (one file "
+                           "system).")
+
+
+@contextlib.contextmanager
+def claim(layout: Layout, fields: dict, overwrite: bool = False) -> Iterator[str]:
+    """Hold ``layout``'s workdir for a run of ``fields``; yields "new", "resume" or "replace"."""
+    held = []
+
+    def take() -> str:
+        lock, decision = _take(layout, fields, overwrite)
+        held.append(lock)
+        return decision
+
+    try:
+        decision = hosts.on_primary(take, f"the claim of {layout.root}")
+        if hosts.count() > 1:
+            hosts.agree(lambda: _check_shared(layout, fields), f"the claim of {layout.root}")
         yield decision
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
