@@ -80,7 +80,9 @@ def legend(runs: Sequence[Run], attacks: Sequence[str]) -> list[str]:
     if any((attack_settings(runs, a) or {}).get("label_source") == "predicted" for a in attacks):
         notes.append("pred. labels: the attack pushes away from the model's own prediction (as "
                      "Cosentino et al. measured) and is scored against the true label, so a "
-                     "misclassified image can be pushed onto its true class: optimistic.")
+                     "misclassified image can be pushed onto its true class: optimistic. The "
+                     "worst case only counts images classified correctly, whose predicted and "
+                     "true labels coincide: it is a true-label measure.")
     return notes
 
 
