@@ -201,5 +201,6 @@ def test_report_tables_show_every_method(finished_run):
                   - by_method["scratch_large"]["robust_accuracy"]["worst_case"])
     assert inverse[-1].startswith(f"| inherits lottery ({sparsity:.1f}% sparse) |")
     assert inverse[-1].rstrip(" |").endswith(f"{gain:+.2f}")
+    assert any(line.startswith("- inverse_inheritance: the dense large network") for line in lines)
     latex = report.methods_table(run, "latex")
     assert latex.count(r"\\") == 1 + len(rows)  # header + one line per method

@@ -163,7 +163,7 @@ def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
                                                            if r["level"] == level]))
     if not columns:
         return ""
-    blocks = []
+    blocks, shown = [], set()
     for run in runs:
         groups = {}
         for record in _compared(run):
@@ -178,12 +178,14 @@ def methods_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
                     _cell([g(r) for r in records], 100, 1, fmt) for g in getters.values()))
             rows.append(row)
         blocks.append(rows)
+        shown |= set(groups)
     header = (["Run"] if show_run else []) + ["Method"] + list(columns.values())
     caption = (f"Clean / robust test accuracy (%) {_what(accuracy)} by method and sparsity "
                f"({_test_examples(runs)} test images; mean ± std over trials).")
-    notes = legend(runs, [WORST_CASE]) + [
-        "inverse_inheritance: the dense large network that inherited that level's sparse "
-        "network; scratch_large: the same large network trained from scratch."]
+    notes = legend(runs, [WORST_CASE])
+    if shown & {"inverse_inheritance", "scratch_large"}:
+        notes.append("inverse_inheritance: the dense large network that inherited that level's "
+                     "sparse network; scratch_large: the same large network trained from scratch.")
     return _render(fmt, caption, header, blocks, notes)
 
 
