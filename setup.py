@@ -22,6 +22,8 @@ EXTRAS_REQUIRE = {
     # TensorFlow is only needed to *prepare* tfds datasets (CIFAR-10, MNIST) from the
     # network; Fashion-MNIST from local IDX files needs none of it.
     "tf": ["tensorflow-cpu>=2.16", "importlib_resources>=6"],
+    # Only benchmarks/crosscheck.py (our attacks against torchattacks) needs these; no test does.
+    "crosscheck": ["torch>=2.4", "torchattacks>=3.5"],
 }
 
 setuptools.setup(

@@ -27,7 +27,8 @@ import optax
 
 from benchmarks import common
 from benchmarks.flops import matmul_flops
-from sparse_robust import attacks, checkpoint, data, lottery, masks, models, objectives, training
+from sparse_robust import attacks, data, evaluation, masks, models, objectives, pruning, training
+from sparse_robust.runs import store
 
 PGD10 = dict(name="pgd", eps=0.3, step_size=0.05, num_steps=10, label_source="predicted")
 FGSM = dict(name="fgsm", eps=0.3, label_source="predicted")
@@ -112,9 +113,10 @@ def conv_grad_in_loop() -> list[dict]:
 
 def eval_throughput(matmul, batch=1000):
     s = setup("dense-300-100", batch, 1)
-    eval_fn = training.make_eval_fn(s["model_fn"], attacks.make_attack(**PGD10))
+    eval_fn = evaluation.Evaluator(s["model_fn"], batch_size=batch).program(
+        attacks.make_attack(**PGD10))
     x, y = s["images"][:batch], s["labels"][:batch]
-    args = (s["state"].params, s["state"].model_state, x, y, jnp.ones(batch), jax.random.PRNGKey(0))
+    args = (s["state"].params, s["state"].model_state, x, y, jax.random.PRNGKey(0))
     flops = matmul_flops(eval_fn, *args)
     seconds = common.time_fn(eval_fn, *args, repeats=3)
     return {"what": f"eval clean+PGD-10, dense-300-100, batch {batch}", "images/s": batch / seconds,
@@ -127,18 +129,18 @@ def level_overhead(step_seconds: float) -> list[dict]:
     trained = jax.tree_util.tree_map(lambda p: p + 0.01, s["params"])
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        mask = lottery.next_mask(trained, s["mask"], {"*": 0.2, "output": 0.1})
-        start = lottery.reset("rewind_init", mask, {"init": s["params"]})
+        mask = pruning.prune_by("magnitude", trained, s["mask"], {"*": 0.2, "output": 0.1})
+        start = pruning.reset("rewind_init", mask, {"init": s["params"]})
         state = training.create_train_state(start, s["model_state"], s["tx"], mask,
                                             jax.random.PRNGKey(0))
         jax.block_until_ready(state)
         prune_reset = time.perf_counter() - tic
         tic = time.perf_counter()
-        np.savez_compressed(os.path.join(tmp, "mask.npz"), **masks.mask_to_numpy(mask))
-        checkpoint.save_pytree(os.path.join(tmp, "start"), start)
-        checkpoint.save_pytree(os.path.join(tmp, "final"), (trained, s["model_state"]))
+        store.save_mask(os.path.join(tmp, "mask.npz"), mask)
+        store.save_tree(os.path.join(tmp, "start"), start)
+        store.save_tree(os.path.join(tmp, "final"), (trained, s["model_state"]))
         level_saves = time.perf_counter() - tic
-        saver = checkpoint.ProgressCheckpointer(os.path.join(tmp, "progress"))
+        saver = store.ProgressCheckpointer(os.path.join(tmp, "progress"))
         tic = time.perf_counter()
         saver.save(1000, {"state": state, "best_params": trained, "snapshot": trained},
                    {"history": []})

@@ -1,4 +1,6 @@
-"""Adversarial attacks: FGSM, PGD (L∞ / L2) and APGD (Croce & Hein 2020), as pure jittable functions.
+"""Adversarial attacks as pure jittable functions: FGSM, PGD (L∞ / L2), APGD and APGD-T (Croce &
+Hein 2020, as the reference implementation runs them), FAB-T (`sparse_robust.fab`), Square
+(`sparse_robust.square`) and standard AutoAttack, which composes them.
 
 An attack is a pure function ``(logits_fn, x, y, key, **settings) -> x_adv`` where
 ``logits_fn(x) -> logits`` closes over a model in eval mode, ``x`` is a batch [B, ...] lying in
@@ -14,256 +16,32 @@ Python value, validated before anything is traced. The result always lies in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-import math
-import numbers
 import types
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparse_robust.checks import check_choice, check_int
-from sparse_robust.objectives import cross_entropy, kl_divergence
+from sparse_robust import attack_parts as parts
+from sparse_robust.attack_parts import NORMS, LogitsFn
+from sparse_robust.checks import check_choice
+from sparse_robust.fab import fab_t
+from sparse_robust.losses import dlr_loss, margin_parts, targeted_dlr_loss
+from sparse_robust.square import square, square_schedule
 
-LogitsFn = Callable[[jax.Array], jax.Array]
+__all__ = ["NORMS", "ATTACK_NAMES", "AUTOATTACK_STAGES", "Attack", "make_attack", "fgsm", "pgd",
+           "apgd", "apgd_checkpoints", "apgd_t", "fab_t", "square", "square_schedule", "autoattack",
+           "autoattack_with_flags", "autoattack_stages", "predicted_labels", "margin_parts",
+           "dlr_loss"]
 
-NORMS = ("linf", "l2")
-PGD_LOSSES = ("ce", "margin", "kl")
-APGD_LOSSES = ("ce", "dlr")
-LABEL_SOURCES = ("true", "predicted")
-ATTACK_NAMES = ("fgsm", "pgd", "apgd")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd_t", "fab_t", "square", "autoattack")
 
 _APGD_MOMENTUM = 0.75  # α in Croce & Hein (2020).
 _APGD_INITIAL_STEP = 2.0  # η(0) = 2ε.
-_TINY = 1e-12  # Guards divisions by a zero norm (zero gradient, zero perturbation).
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (eager, before tracing)
-
-
-def _check_bool(field: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: True or False.")
-
-
-def _check_nonnegative(field: str, value) -> None:
-    """Checks a strength (eps, step_size) unless it is traced, where only its shape is checked."""
-    if isinstance(value, jax.core.Tracer):
-        if value.shape != ():
-            raise ValueError(f"{field} must be a scalar, got shape {value.shape}.")
-        return
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        array = None
-    if array is None or array.shape != () or not np.isfinite(array) or array < 0:
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: finite scalars >= 0.")
-
-
-def _check_real(field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{field}={value!r} is invalid; allowed values: finite real numbers.")
-
-
-def _check_settings(attack: str, settings: Mapping[str, Any]) -> None:
-    """Validates the settings of `attack` (one code path for the functions and `make_attack`)."""
-    losses = APGD_LOSSES if attack == "apgd" else PGD_LOSSES
-    for field, value in settings.items():
-        if field == "eps":
-            _check_nonnegative(field, value)
-        elif field == "step_size":
-            if not (attack == "fgsm" and value is None):
-                _check_nonnegative(field, value)
-        elif field in ("num_steps", "restarts"):
-            check_int(field, value, 1)
-        elif field == "norm":
-            check_choice(field, value, NORMS)
-        elif field == "loss":
-            check_choice(field, value, losses)
-        elif field == "label_source":
-            check_choice(field, value, LABEL_SOURCES)
-        elif field in ("random_start", "targeted"):
-            _check_bool(field, value)
-        elif field in ("clip_min", "clip_max"):
-            _check_real(field, value)
-        elif field == "rho":
-            _check_real(field, value)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"rho={value!r} is invalid; allowed values: 0 < rho <= 1.")
-    if not settings["clip_min"] < settings["clip_max"]:
-        raise ValueError(
-            f"clip_min={settings['clip_min']!r}, clip_max={settings['clip_max']!r} are invalid; "
-            "allowed values: clip_min < clip_max.")
-    if settings.get("targeted") and settings.get("loss") == "kl":
-        raise ValueError("targeted=True is invalid with loss='kl' (KL ignores labels); "
-                         f"allowed losses for targeted attacks: {[l for l in PGD_LOSSES if l != 'kl']}.")
-    if settings.get("targeted") and settings.get("label_source") == "predicted":
-        raise ValueError("label_source='predicted' is invalid with targeted=True (y is the target); "
-                         "allowed values: label_source='true'.")
-    if settings.get("restarts", 1) > 1 and not settings.get("random_start", True):
-        raise ValueError(f"restarts={settings['restarts']!r} is invalid with random_start=False "
-                         "(every restart would be identical); allowed values: restarts=1.")
-
-
-def _check_inputs(x, y, key, needs_key: bool) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a floating-point batch in [clip_min, clip_max], got dtype {x.dtype}.")
-    if x.ndim < 1 or y.shape != x.shape[:1]:
-        raise ValueError(f"x and y must share the batch axis: got x.shape={x.shape}, y.shape={y.shape}.")
-    if not jnp.issubdtype(y.dtype, jnp.integer):
-        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}.")
-    if needs_key and key is None:
-        raise ValueError("key=None is invalid here: the random start needs a jax.random key.")
-
-
-# --------------------------------------------------------------------------------------------
-# Losses (per example; the attack ascends them)
-
-
-def margin_parts(logits, y):
-    """(true-class logit, largest other logit) per example."""
-    true_logit = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-    is_true = jax.nn.one_hot(y, logits.shape[-1], dtype=bool)
-    other_logit = jnp.max(jnp.where(is_true, -jnp.inf, logits), axis=-1)
-    return true_logit, other_logit
-
-
-def dlr_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Difference of logits ratio: −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e−12), per example."""
-    true_logit, other_logit = margin_parts(logits, y)
-    top = jnp.sort(logits, axis=-1)
-    return -(true_logit - other_logit) / (top[:, -1] - top[:, -3] + _TINY)
-
-
-def _per_example_loss(loss: str, logits, y, clean_logits):
-    if loss == "ce":
-        return cross_entropy(logits, y)
-    if loss == "margin":  # Carlini–Wagner: max other logit − true logit.
-        true_logit, other_logit = margin_parts(logits, y)
-        return other_logit - true_logit
-    if loss == "kl":  # TRADES: KL(p_clean ‖ p_adv) with the clean prediction held fixed.
-        return kl_divergence(clean_logits, logits)
-    return dlr_loss(logits, y)
-
-
-def _make_objective(logits_fn: LogitsFn, x, y, loss: str, targeted: bool):
-    """x_adv -> (objective [B], success [B]); the attack maximises the objective.
-
-    Targeted attacks minimise the loss towards the target y, so their objective is −loss.
-    Success means misclassified (untargeted) or classified as the target (targeted).
-    """
-    num_classes = jax.eval_shape(logits_fn, x).shape[-1]
-    minimum = {"margin": 2, "dlr": 3}.get(loss, 1)
-    if num_classes < minimum:
-        raise ValueError(f"loss={loss!r} needs at least {minimum} classes, the model has {num_classes}.")
-    clean_logits = lax.stop_gradient(logits_fn(x)) if loss == "kl" else None
-    sign = -1.0 if targeted else 1.0
-
-    def objective(x_adv):
-        logits = logits_fn(x_adv)
-        predicted = jnp.argmax(logits, axis=-1)
-        success = (predicted == y) if targeted else (predicted != y)
-        return sign * _per_example_loss(loss, logits, y, clean_logits), success
-
-    return objective
-
-
-def _objective_and_grad(objective, x_adv):
-    """(objective [B], success [B], d objective / d x_adv); examples are independent."""
-    def total(z):
-        values, success = objective(z)
-        return jnp.sum(values), (values, success)
-
-    (_, (values, success)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
-    return values, success, grad
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry: norms, steps, projection, random starts
-
-
-def _expand(per_example, x):
-    """[B] -> [B, 1, ..., 1], broadcastable against x."""
-    return per_example.reshape(per_example.shape + (1,) * (x.ndim - 1))
-
-
-def _l2_norm(v):
-    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
-
-
-def _ascent_direction(grad, norm: str):
-    """Steepest-ascent unit step: sign for L∞, the normalised gradient for L2."""
-    if norm == "linf":
-        return jnp.sign(grad)
-    return grad / jnp.maximum(_l2_norm(grad), _TINY)
-
-
-def _project(x_adv, x, eps, norm: str, clip_min: float, clip_max: float):
-    """Projects onto the ε-ball around x, then onto the box.
-
-    With x inside the box, clipping only moves coordinates towards x, so it never leaves the ball.
-    """
-    delta = x_adv - x
-    if norm == "linf":
-        delta = jnp.clip(delta, -eps, eps)
-    else:
-        delta = delta * jnp.minimum(1.0, eps / jnp.maximum(_l2_norm(delta), _TINY))
-    return jnp.clip(x + delta, clip_min, clip_max)
-
-
-def _random_start(key, x, eps, norm: str, clip_min: float, clip_max: float):
-    """A uniform draw from the ε-ball around x (clipped to the box).
-
-    L∞: ``eps * uniform(key, x.shape, -1, 1)``. L2: with ``k_dir, k_radius = split(key)``, the
-    direction is a normalised ``normal(k_dir, x.shape)`` and the radius ``eps * u ** (1 / d)`` with
-    ``u = uniform(k_radius, [B])`` and d the number of features per example.
-    """
-    if norm == "linf":
-        noise = eps * jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
-    else:
-        k_dir, k_radius = jax.random.split(key)
-        direction = jax.random.normal(k_dir, x.shape, x.dtype)
-        direction = direction / jnp.maximum(_l2_norm(direction), _TINY)
-        dim = math.prod(x.shape[1:])
-        radius = eps * jax.random.uniform(k_radius, x.shape[:1], x.dtype) ** (1.0 / dim)
-        noise = _expand(radius, x) * direction
-    return jnp.clip(x + noise, clip_min, clip_max)
-
-
-# --------------------------------------------------------------------------------------------
-# Restarts
-
-
-def _keep_worst(best, candidate):
-    """Per example, keeps the worse (for the model) of two (x_adv, success, objective) triples:
-    a successful one first, then the higher objective."""
-    best_x, best_success, best_value = best
-    x_adv, success, value = candidate
-    take = (success & ~best_success) | ((success == best_success) & (value > best_value))
-    return (jnp.where(_expand(take, x_adv), x_adv, best_x),
-            jnp.where(take, success, best_success),
-            jnp.where(take, value, best_value))
-
-
-def _worst_over_restarts(run, key, x, restarts: int):
-    """Runs `run(key) -> (x_adv, success, objective)` once per restart key and keeps per example
-    the worst result. A single restart uses `key` itself; R > 1 restarts use
-    ``jax.random.split(key, R)``, so restart r equals a 1-restart run with the r-th split key."""
-    if restarts == 1:
-        return run(key)[0]
-    batch = x.shape[:1]
-    initial = (x, jnp.zeros(batch, bool), jnp.full(batch, -jnp.inf, x.dtype))
-    best, _ = lax.scan(lambda best, k: (_keep_worst(best, run(k)), None),
-                       initial, jax.random.split(key, restarts))
-    return best[0]
-
-
-def _as_float(value, x):
-    return jnp.asarray(value, dtype=x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,26 +67,26 @@ def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array
     of the R final iterates (misclassified first, then highest loss); restart r starts from
     ``jax.random.split(key, R)[r]``.
     """
-    _check_settings("pgd", dict(eps=eps, step_size=step_size, num_steps=num_steps, norm=norm,
+    parts.check_settings("pgd", dict(eps=eps, step_size=step_size, num_steps=num_steps, norm=norm,
                                 random_start=random_start, restarts=restarts, loss=loss,
                                 targeted=targeted, clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    _check_inputs(x, y, key, needs_key=random_start)
-    objective = _make_objective(logits_fn, x, y, loss, targeted)
-    eps, step_size = _as_float(eps, x), _as_float(step_size, x)
+    parts.check_inputs(x, y, key, needs_key=random_start)
+    objective = parts.make_objective(logits_fn, x, y, loss, targeted)
+    eps, step_size = parts.as_float(eps, x), parts.as_float(step_size, x)
 
     def step(_, x_adv):
-        _, _, grad = _objective_and_grad(objective, x_adv)
-        moved = x_adv + step_size * _ascent_direction(grad, norm)
-        return _project(moved, x, eps, norm, clip_min, clip_max)
+        _, _, grad = parts.objective_and_grad(objective, x_adv)
+        moved = x_adv + step_size * parts.ascent_direction(grad, norm)
+        return parts.project(moved, x, eps, norm, clip_min, clip_max)
 
     def run(run_key):
-        start = _random_start(run_key, x, eps, norm, clip_min, clip_max) if random_start else x
+        start = parts.random_start(run_key, x, eps, norm, clip_min, clip_max) if random_start else x
         x_adv = lax.fori_loop(0, num_steps, step, start)
         value, success = objective(x_adv)  # Only used across restarts (dead code otherwise).
         return x_adv, success, value
 
-    return lax.stop_gradient(_worst_over_restarts(run, key, x, restarts))
+    return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
 
 
 def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None, *,
@@ -319,7 +97,7 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arra
     With ``random_start=True`` and ``step_size=1.25 * eps`` this is the "fast" FGSM of
     Wong et al. (2020). ``norm="l2"`` steps along the normalised gradient (fast gradient method).
     """
-    _check_settings("fgsm", dict(eps=eps, step_size=step_size, random_start=random_start, loss=loss,
+    parts.check_settings("fgsm", dict(eps=eps, step_size=step_size, random_start=random_start, loss=loss,
                                  targeted=targeted, norm=norm, clip_min=clip_min, clip_max=clip_max))
     return pgd(logits_fn, x, y, key, eps=eps, step_size=eps if step_size is None else step_size,
                num_steps=1, norm=norm, random_start=random_start, restarts=1, loss=loss,
@@ -327,34 +105,28 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arra
 
 
 def apgd_checkpoints(num_steps: int) -> list[int]:
-    """Iterations w_j = ceil(p_j · num_steps) at which APGD may halve its step size, with
-    p_0 = 0, p_1 = 0.22 and p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06); w_0 = 0 excluded."""
-    fractions = [0.0, 0.22]
-    while fractions[-1] <= 1.0:
-        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
-    # Rounding first keeps 0.41 * 100 from becoming 41.000000000000004 -> 42.
-    steps = {math.ceil(round(p * num_steps, 6)) for p in fractions if p <= 1.0}
-    return sorted(s for s in steps if 0 < s <= num_steps)
+    """Iterations at which APGD may halve its step size, placed as the reference implementation
+    (fra31/auto-attack) places them: the first after k_1 = max(⌊0.22·N⌋, 1) steps, then every
+    k_{j+1} = max(k_j − max(⌊0.03·N⌋, 1), max(⌊0.06·N⌋, 1)) steps, N = num_steps.
 
-
-def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps, num_steps: int,
-         norm: str = "linf", loss: str = "ce", restarts: int = 1, rho: float = 0.75,
-         clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
-    """Auto-PGD (Croce & Hein 2020, Algorithm 1) with per-example step sizes.
-
-    Starts uniformly in the ε-ball (as `pgd`), steps with η = 2ε and momentum α = 0.75, and at each
-    checkpoint w_j (`apgd_checkpoints`) halves η and restarts from the best point of an example when
-    (1) fewer than rho·(w_j − w_{j−1}) of its steps since w_{j−1} increased the loss, or (2) η was
-    not halved at w_{j−1} and the best loss did not improve since. Uses num_steps + 1 gradient
-    evaluations. Returns per example the worst point seen (misclassified first, then highest loss).
-    Losses: "ce" and "dlr" (difference of logits ratio, needs >= 3 classes). Restarts as in `pgd`.
+    The paper's w_j = ⌈p_j·N⌉ gives the same points for N = 100 but not for short runs
+    (N = 20: 5, 9, 12, … against 4, 7, 9, 10, …); AutoAttack's numbers come from the reference.
+    Integer arithmetic here equals the reference's int(0.22 * N) etc. for every N < 5000.
     """
-    _check_settings("apgd", dict(eps=eps, num_steps=num_steps, norm=norm, loss=loss,
-                                 restarts=restarts, rho=rho, clip_min=clip_min, clip_max=clip_max))
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    _check_inputs(x, y, key, needs_key=True)
-    objective = _make_objective(logits_fn, x, y, loss, targeted=False)
-    eps = _as_float(eps, x)
+    interval = max(22 * num_steps // 100, 1)
+    shrink, shortest = max(3 * num_steps // 100, 1), max(6 * num_steps // 100, 1)
+    checkpoints, at = [], interval
+    while at <= num_steps:
+        checkpoints.append(at)
+        interval = max(interval - shrink, shortest)
+        at += interval
+    return checkpoints
+
+
+def _apgd_run(objective, x, key, eps, *, num_steps: int, norm: str, rho: float,
+              clip_min: float, clip_max: float):
+    """One APGD run from a random point of the ε-sphere (`attack_parts.boundary_start` with
+    `key`): the worst (x_adv, success, objective) triple it visits."""
     checkpoints = apgd_checkpoints(num_steps)
     # Static per-iteration tables: is iteration i (producing x^(i+1)) a checkpoint, and how long
     # was the interval that ends there.
@@ -366,58 +138,209 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
     is_checkpoint, interval = jnp.asarray(is_checkpoint), jnp.asarray(interval)
 
     def project(z):
-        return _project(z, x, eps, norm, clip_min, clip_max)
+        return parts.project(z, x, eps, norm, clip_min, clip_max)
 
     def step(i, state):
-        eta = _expand(state["eta"], x)
+        eta = parts.expand(state["eta"], x)
         x_cur = state["x"]
         momentum = jnp.where(i == 0, 1.0, _APGD_MOMENTUM).astype(x.dtype)
-        z = project(x_cur + eta * _ascent_direction(state["grad"], norm))
+        z = project(x_cur + eta * parts.ascent_direction(state["grad"], norm))
         x_new = project(x_cur + momentum * (z - x_cur) + (1 - momentum) * (x_cur - state["x_prev"]))
-        value, success, grad = _objective_and_grad(objective, x_new)
+        value, success, grad = parts.objective_and_grad(objective, x_new)
 
         increases = state["increases"] + (value > state["value"])
         improved = value > state["best_value"]
-        best_x = jnp.where(_expand(improved, x), x_new, state["best_x"])
-        best_grad = jnp.where(_expand(improved, x), grad, state["best_grad"])
+        best_x = jnp.where(parts.expand(improved, x), x_new, state["best_x"])
+        best_grad = jnp.where(parts.expand(improved, x), grad, state["best_grad"])
         best_value = jnp.where(improved, value, state["best_value"])
-        worst = _keep_worst(state["worst"], (x_new, success, value))
+        worst = parts.keep_worst(state["worst"], (x_new, success, value))
 
         at_check = is_checkpoint[i]
-        stalled = increases < rho * interval[i]
+        # `<=`, not `<`: the reference halves when at most rho·k of the k steps increased the loss.
+        stalled = increases <= rho * interval[i]
         no_progress = ~state["reduced_last"] & (state["best_at_last_check"] >= best_value)
         reduce = at_check & (stalled | no_progress)
-        reset = _expand(reduce, x)
+        reset = parts.expand(reduce, x)
         return dict(
             x=jnp.where(reset, best_x, x_new),
             x_prev=x_cur,
             grad=jnp.where(reset, best_grad, grad),
-            value=jnp.where(reduce, best_value, value),
+            # The last iterate's loss even after a reset to the best point: the reference's loss
+            # history records iterates, so the next step's "increase" is judged against it.
+            value=value,
             eta=jnp.where(reduce, state["eta"] / 2, state["eta"]),
             increases=jnp.where(at_check, 0, increases),
             reduced_last=jnp.where(at_check, reduce, state["reduced_last"]),
             best_at_last_check=jnp.where(at_check, best_value, state["best_at_last_check"]),
             best_x=best_x, best_grad=best_grad, best_value=best_value, worst=worst)
 
-    def run(run_key):
-        start = _random_start(run_key, x, eps, norm, clip_min, clip_max)
-        value, success, grad = _objective_and_grad(objective, start)
-        batch = x.shape[:1]
-        state = dict(
-            x=start, x_prev=start, grad=grad, value=value,
-            eta=jnp.full(batch, _APGD_INITIAL_STEP, x.dtype) * eps,
-            increases=jnp.zeros(batch, jnp.int32), reduced_last=jnp.zeros(batch, bool),
-            best_at_last_check=value, best_x=start, best_grad=grad, best_value=value,
-            worst=(start, success, value))
-        return lax.fori_loop(0, num_steps, step, state)["worst"]
+    start = parts.boundary_start(key, x, eps, norm, clip_min, clip_max)
+    value, success, grad = parts.objective_and_grad(objective, start)
+    batch = x.shape[:1]
+    state = dict(
+        x=start, x_prev=start, grad=grad,
+        # The reference's loss history holds 0 before the first step (its first window reads an
+        # unwritten entry), so the first step counts as an increase iff its loss exceeds 0.
+        value=jnp.zeros_like(value),
+        eta=jnp.full(batch, _APGD_INITIAL_STEP, x.dtype) * eps,
+        increases=jnp.zeros(batch, jnp.int32),
+        # Condition (2) cannot fire at the first checkpoint: the reference starts this flag at 1.
+        reduced_last=jnp.ones(batch, bool),
+        best_at_last_check=value, best_x=start, best_grad=grad, best_value=value,
+        worst=(start, success, value))
+    return lax.fori_loop(0, num_steps, step, state)["worst"]
 
-    return lax.stop_gradient(_worst_over_restarts(run, key, x, restarts))
+
+def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps, num_steps: int,
+         norm: str = "linf", loss: str = "ce", restarts: int = 1, rho: float = 0.75,
+         clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
+    """Auto-PGD (Croce & Hein 2020, Algorithm 1) as the reference implementation runs it.
+
+    Starts at a random point on the ε-sphere (`attack_parts.boundary_start`, as the reference; PGD
+    keeps Madry's uniform start), steps with η = 2ε and momentum α = 0.75, and at each checkpoint
+    (`apgd_checkpoints`) halves η of an example and restarts it from its best point when (1) at
+    most rho·k of its k steps since the last checkpoint increased the loss, or (2) η was not
+    halved at the last checkpoint (never true at the first) and the best loss did not improve
+    since. Uses num_steps + 1 gradient evaluations. Returns per example the worst point seen
+    (misclassified first, then highest loss). Losses: "ce" and "dlr" (difference of logits ratio,
+    needs >= 3 classes). Restarts as in `pgd`.
+    """
+    parts.check_settings("apgd", dict(eps=eps, num_steps=num_steps, norm=norm, loss=loss,
+                                      restarts=restarts, rho=rho, clip_min=clip_min, clip_max=clip_max))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    parts.check_inputs(x, y, key, needs_key=True)
+    objective = parts.make_objective(logits_fn, x, y, loss, targeted=False)
+    eps = parts.as_float(eps, x)
+
+    run = functools.partial(_apgd_run, objective, x, eps=eps, num_steps=num_steps, norm=norm,
+                            rho=rho, clip_min=clip_min, clip_max=clip_max)
+    return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
+
+
+def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps,
+           num_steps: int = 100, norm: str = "linf", n_target_classes: int = 9, restarts: int = 1,
+           rho: float = 0.75, clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once per target.
+
+    Targets are the classes ranked 2nd to (n_target_classes + 1)-th by the clean logits
+    (`attack_parts.ranked_targets`); the run for target rank r (0-based) uses
+    ``fold_in(key, r)`` (its restarts split it, as in `pgd`). Each run ascends
+    ``losses.targeted_dlr_loss`` with y the true label. As in the reference, success is
+    misclassification (into any class), which is what robust accuracy counts. Returns per example the worst point over all runs (misclassified
+    first, then the highest targeted DLR). Needs at least 4 classes.
+    """
+    parts.check_settings("apgd_t", dict(eps=eps, num_steps=num_steps, norm=norm,
+                                        n_target_classes=n_target_classes, restarts=restarts,
+                                        rho=rho, clip_min=clip_min, clip_max=clip_max))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    parts.check_inputs(x, y, key, needs_key=True)
+    parts.check_target_count(logits_fn, x, n_target_classes, 4, "APGD-T (targeted DLR loss)")
+    eps = parts.as_float(eps, x)
+    targets = parts.ranked_targets(logits_fn, x, n_target_classes)
+
+    def target_run(worst, rank_and_target):
+        rank, target = rank_and_target
+
+        def objective(x_adv):
+            logits = logits_fn(x_adv)
+            return targeted_dlr_loss(logits, y, target), jnp.argmax(logits, axis=-1) != y
+
+        run = functools.partial(_apgd_run, objective, x, eps=eps, num_steps=num_steps, norm=norm,
+                                rho=rho, clip_min=clip_min, clip_max=clip_max)
+        result = parts.worst_over_restarts(run, jax.random.fold_in(key, rank), x, restarts)
+        return parts.keep_worst(worst, result), None
+
+    worst, _ = lax.scan(target_run, parts.initial_worst(x),
+                        (jnp.arange(n_target_classes), targets.T))
+    return lax.stop_gradient(worst[0])
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack (the standard version of Croce & Hein 2020)
+
+AUTOATTACK_STAGES = ("apgd_ce", "apgd_t", "fab_t", "square")
+
+
+def _autoattack_plan(norm, num_steps, n_target_classes, num_queries, image_shape, clip_min,
+                     clip_max):
+    """(stage, attack name, settings but eps) of the standard version, in order, with the
+    reference's settings: one restart, 100 steps, 9 targets, and Square with p_init 0.8 and
+    5000 queries on the schedule of 10,000 (AutoAttack does not rescale it)."""
+    box = dict(norm=norm, clip_min=clip_min, clip_max=clip_max)
+    targeted = dict(num_steps=num_steps, n_target_classes=n_target_classes, **box)
+    return (("apgd_ce", "apgd", dict(num_steps=num_steps, loss="ce", **box)),
+            ("apgd_t", "apgd_t", targeted),
+            ("fab_t", "fab_t", targeted),
+            ("square", "square", dict(num_queries=num_queries, p_init=0.8, rescale_schedule=False,
+                                      image_shape=image_shape, **box)))
+
+
+def autoattack_stages(eps: float, norm: str = "linf", *, num_steps: int = 100,
+                      n_target_classes: int = 9, num_queries: int = 5000,
+                      image_shape: Optional[tuple[int, int, int]] = None, clip_min: float = 0.0,
+                      clip_max: float = 1.0) -> dict[str, Attack]:
+    """The stages of standard AutoAttack as `Attack`s, in order: {"apgd_ce", "apgd_t", "fab_t",
+    "square"}. Each is a static jit argument, so an evaluator compiles one program per stage (see
+    `sparse_robust.autoattack.run_stages`); `autoattack_with_flags` runs the same stages."""
+    return {stage: make_attack(name, eps=eps, **settings) for stage, name, settings in
+            _autoattack_plan(norm, num_steps, n_target_classes, num_queries, image_shape,
+                             clip_min, clip_max)}
+
+
+def autoattack_with_flags(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
+                          eps, norm: str = "linf", num_steps: int = 100, n_target_classes: int = 9,
+                          num_queries: int = 5000, image_shape: Optional[tuple[int, int, int]] = None,
+                          clip_min: float = 0.0, clip_max: float = 1.0):
+    """Standard AutoAttack on one batch: APGD-CE, APGD-T, FAB-T, then Square (`autoattack_stages`),
+    stage i with ``fold_in(key, i)``.
+
+    Returns (x_adv, flags). flags maps "clean" and each stage name to bool [B]: correctly
+    classified on clean data and at the adversarial point of every stage so far (so an example
+    robust after a stage is robust under each earlier one). x_adv holds per example the point
+    of the first stage that broke it, else x, so ``argmax(logits_fn(x_adv)) == y`` is exactly
+    flags["square"]. Every stage runs on the whole batch (shapes are static); to skip examples
+    already broken, run the stages with `sparse_robust.autoattack.run_stages`.
+    """
+    settings = dict(eps=eps, norm=norm, num_steps=num_steps, n_target_classes=n_target_classes,
+                    num_queries=num_queries, image_shape=image_shape, clip_min=clip_min,
+                    clip_max=clip_max)
+    parts.check_settings("autoattack", settings)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    parts.check_inputs(x, y, key, needs_key=True)
+
+    def correct(z):
+        return jnp.argmax(logits_fn(z), axis=-1) == y
+
+    robust = correct(x)
+    flags, x_adv = {"clean": robust}, x
+    plan = _autoattack_plan(norm, num_steps, n_target_classes, num_queries, image_shape,
+                            clip_min, clip_max)
+    for index, (stage, name, stage_settings) in enumerate(plan):
+        candidate = _ATTACK_FNS[name](logits_fn, x, y, jax.random.fold_in(key, index), eps=eps,
+                                      **stage_settings)
+        still_correct = correct(candidate)
+        x_adv = jnp.where(parts.expand(robust & ~still_correct, x), candidate, x_adv)
+        robust = robust & still_correct
+        flags[stage] = robust
+    return lax.stop_gradient(x_adv), flags
+
+
+def autoattack(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps,
+               norm: str = "linf", num_steps: int = 100, n_target_classes: int = 9,
+               num_queries: int = 5000, image_shape: Optional[tuple[int, int, int]] = None,
+               clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
+    """Standard AutoAttack as an attack: the x_adv of `autoattack_with_flags`."""
+    return autoattack_with_flags(
+        logits_fn, x, y, key, eps=eps, norm=norm, num_steps=num_steps,
+        n_target_classes=n_target_classes, num_queries=num_queries, image_shape=image_shape,
+        clip_min=clip_min, clip_max=clip_max)[0]
 
 
 # --------------------------------------------------------------------------------------------
 # Factory
 
-_ATTACK_FNS = types.MappingProxyType({"fgsm": fgsm, "pgd": pgd, "apgd": apgd})
+_ATTACK_FNS = types.MappingProxyType({"fgsm": fgsm, "pgd": pgd, "apgd": apgd, "apgd_t": apgd_t,
+                                      "fab_t": fab_t, "square": square, "autoattack": autoattack})
 
 
 def _keyword_defaults(fn) -> dict[str, Any]:
@@ -444,7 +367,7 @@ class Attack:
 
     @property
     def uses_step_size(self) -> bool:
-        return self.name != "apgd"
+        return self.name in ("fgsm", "pgd")
 
     def __call__(self, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key, *,
                  eps=None, step_size=None) -> jax.Array:
@@ -461,7 +384,7 @@ class Attack:
 
 
 def make_attack(name: str, **settings) -> Attack:
-    """Builds an `Attack` from a name ("fgsm", "pgd", "apgd") and its keyword settings.
+    """Builds an `Attack` from a name (`ATTACK_NAMES`) and its keyword settings.
 
     Accepts the keyword settings of the attack function plus ``label_source`` ("true" or
     "predicted"), e.g. ``make_attack(**config.attack.to_dict())`` with
@@ -479,7 +402,7 @@ def make_attack(name: str, **settings) -> Attack:
     missing = sorted(k for k, v in resolved.items() if v is inspect.Parameter.empty)
     if missing:
         raise ValueError(f"Attack {name!r} needs setting(s) {missing}.")
-    _check_settings(name, resolved)
+    parts.check_settings(name, resolved)
     step_size = resolved.pop("step_size", None)
     return Attack(
         name=name,

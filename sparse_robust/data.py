@@ -176,8 +176,9 @@ def _make_dataset(name, train, test, *, validation_size, train_limit, flatten) -
     (train_x, train_y), (test_x, test_y) = train, test
     if not 0 <= validation_size < len(train_x):
         raise ValueError(
-            f"validation_size: {validation_size} not allowed; must be in [0, {len(train_x)}) "
-            f"for {name}"
+            f"validation_size={validation_size} is invalid: the {name} training set has "
+            f"{len(train_x)} images and some must remain for training; allowed values: "
+            f"0..{len(train_x) - 1}"
         )
     stop = None if train_limit is None else validation_size + train_limit
     return Dataset(

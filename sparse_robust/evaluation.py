@@ -1,14 +1,26 @@
-"""Robust evaluation: accuracy under several attacks, ε sweeps, and sanity checks on the numbers.
+"""Evaluation: ONE batched, mesh-aware evaluator for clean and adversarial accuracy, ε sweeps and
+sanity checks on the numbers.
 
-``apply_fn(variables, x) -> logits`` is the model in eval mode. Data are evaluated in batches of a
-fixed size (the last one padded and masked, so nothing recompiles); batch b attacks with
-``jax.random.fold_in(key, b)``.
+The model convention is the train loop's: ``model_fn(params, model_state, x, train) -> (logits,
+model_state)`` (``training.make_model_fn``), called here in eval mode. An :class:`Evaluator` is
+built once per model function, batch size and mesh, and compiles one program per attack (plus one
+for clean accuracy); params are arguments, so every pruning level and trial reuses the programs.
+
+Data are split in batches of a fixed size: the last one is padded (copies of row 0) and only its
+real rows count, so nothing recompiles. With a mesh, every batch is split across its devices
+(params replicated) and the per-example results are gathered. Keys: the attack labelled ``name``
+attacks batch b with ``fold_in(keys.derive(key, name), b)``, so an attack's numbers depend on its
+label, never on its position among the others.
+
+AutoAttack (``make_attack("autoattack", ...)``, true labels) runs stage by stage: each stage
+(APGD-CE, APGD-T, FAB-T, Square) attacks only the images every earlier stage left robust, in
+chunks of a few fixed sizes (``autoattack.run_stages``: one program per stage and chunk size, and
+no work on images already broken); the per-stage robustness is kept with the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -17,114 +29,301 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from sparse_robust.attacks import NORMS, Attack, make_attack
+from sparse_robust import autoattack
+from sparse_robust import keys as keys_lib
+from sparse_robust import parallel
+from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
 from sparse_robust.checks import check_choice
-from sparse_robust.training import batch_spans, pad_batch
+from sparse_robust.objectives import cross_entropy
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
+ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
 
-_RESERVED_NAMES = ("clean", "worst_case")
+CLEAN = "clean"
+WORST_CASE = "worst_case"
+_RESERVED_NAMES = (CLEAN, WORST_CASE)
+_UNUSED_KEY = np.zeros(2, np.uint32)
 
 
-# --------------------------------------------------------------------------------------------
-# Batching
-
-
-def _check_data(images, labels, batch_size) -> tuple[np.ndarray, np.ndarray]:
+def _check_data(images, labels) -> tuple[np.ndarray, np.ndarray]:
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
     if images.ndim < 2 or labels.shape != images.shape[:1] or images.shape[0] == 0:
         raise ValueError(f"images [N, ...] and labels [N] must be non-empty and share N; got "
                          f"images.shape={images.shape}, labels.shape={labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid; allowed values: integers >= 1.")
     return images, labels.astype(np.int32)
 
 
-def _padded_batches(images, labels, batch_size) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Yields (images, labels, num_valid) batches of exactly min(batch_size, N) rows; the last one
-    is padded (see `training.pad_batch`), and only its first num_valid rows count."""
-    size = min(batch_size, len(images))
-    for start, valid in batch_spans(len(images), size):
-        yield pad_batch(images, start, size), pad_batch(labels, start, size), valid
-
-
-def _num_batches(num_examples: int, batch_size: int) -> int:
-    return math.ceil(num_examples / min(batch_size, num_examples))
-
-
-def _correct(logits, labels):
-    return jnp.argmax(logits, axis=-1) == labels
-
-
-# --------------------------------------------------------------------------------------------
-# Robust accuracy under several attacks
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attacks"))
-def _batch_correct(variables, x, y, key, *, apply_fn, attacks):
-    """Per-example correctness: clean [B] and under each attack [A, B] (attack i uses
-    fold_in(key, i))."""
-    logits_fn = lambda z: apply_fn(variables, z)
-    clean = _correct(logits_fn(x), y)
-    under_attack = [_correct(logits_fn(attack(logits_fn, x, y, jax.random.fold_in(key, i))), y)
-                    for i, (_, attack) in enumerate(attacks)]
-    return clean, jnp.stack(under_attack)
-
-
-def evaluate_robustness(apply_fn: ApplyFn, variables, images, labels,
-                        attacks: Mapping[str, Attack], key, batch_size: int = 1000,
-                        progress: bool = True) -> dict[str, float]:
-    """Accuracy on clean data and under each attack, plus the per-example worst case.
-
-    Returns ``{"clean": acc, <attack name>: acc, ..., "worst_case": acc}``; an example counts for
-    "worst_case" only if it is classified correctly clean and under every attack. In batch b,
-    the i-th attack (in mapping order) uses ``fold_in(fold_in(key, b), i)``.
-    """
-    images, labels = _check_data(images, labels, batch_size)
-    if not attacks:
-        raise ValueError("attacks is empty; pass a mapping from names to `make_attack(...)` attacks.")
+def _check_attacks(attacks: Mapping[str, Callable]) -> None:
     for name, attack in attacks.items():
-        if name in _RESERVED_NAMES or not isinstance(attack, Attack):
+        if name in _RESERVED_NAMES or not callable(attack):
             raise ValueError(f"attacks[{name!r}] is invalid: names must not be {_RESERVED_NAMES} and "
-                             "values must be `Attack`s from `make_attack`.")
-    attack_items = tuple(attacks.items())
-    clean_total, attack_totals, worst_total = 0, np.zeros(len(attack_items), np.int64), 0
-    batches = _padded_batches(images, labels, batch_size)
-    total = _num_batches(len(images), batch_size)
-    for index, (x, y, valid) in enumerate(tqdm(batches, total=total, disable=not progress,
-                                               desc="robust evaluation")):
-        clean, under_attack = _batch_correct(variables, x, y, jax.random.fold_in(key, index),
-                                             apply_fn=apply_fn, attacks=attack_items)
-        clean, under_attack = np.asarray(clean)[:valid], np.asarray(under_attack)[:, :valid]
-        clean_total += clean.sum()
-        attack_totals += under_attack.sum(axis=1)
-        worst_total += (clean & under_attack.all(axis=0)).sum()
-    n = len(images)
-    results = {"clean": clean_total / n}
-    results.update({name: count / n for (name, _), count in zip(attack_items, attack_totals)})
-    results["worst_case"] = worst_total / n
-    return {name: float(value) for name, value in results.items()}
+                             "values must be attacks, `(logits_fn, x, y, key) -> x_adv` (e.g. "
+                             "from `make_attack`).")
 
 
-# --------------------------------------------------------------------------------------------
-# ε sweeps
+def batch_spans(num_examples: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, valid) pairs covering [0, num_examples) in batches of batch_size rows, the last
+    one holding `valid` real rows (pad it with `pad_batch`)."""
+    for start in range(0, num_examples, batch_size):
+        yield start, min(batch_size, num_examples - start)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attack"))
-def _sweep_correct(variables, x, y, key, eps_grid, step_sizes, *, apply_fn, attack):
-    """Per-example correctness [E, B] under `attack` at every ε of the grid (one vmap)."""
-    logits_fn = lambda z: apply_fn(variables, z)
+def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
+    """Rows [start, start+batch_size) of ``array``, padded with copies of row 0 at the end."""
+    chunk = array[start:start + batch_size]
+    if len(chunk) < batch_size:
+        pad = np.repeat(array[:1], batch_size - len(chunk), axis=0)
+        chunk = np.concatenate([chunk, pad])
+    return chunk
 
-    def correct_at(eps, step_size):
-        return _correct(logits_fn(attack(logits_fn, x, y, key, eps=eps, step_size=step_size)), y)
 
-    if step_sizes is None:
-        return jax.vmap(lambda eps: correct_at(eps, None))(eps_grid)
-    return jax.vmap(correct_at)(eps_grid, step_sizes)
+@dataclasses.dataclass(frozen=True)
+class PerExample:
+    """Per-example outcome of one evaluation: correct classification and cross-entropy (NaN for
+    a staged attack, which has no single adversarial point), and for a staged attack the
+    robustness after each stage (cumulative)."""
+    correct: np.ndarray  # bool [N]
+    loss: np.ndarray     # float32 [N]
+    stages: Optional[dict[str, np.ndarray]] = None
+
+
+def staged(attack) -> Optional[dict[str, Attack]]:
+    """The stages an evaluator runs one after the other for ``attack`` (AutoAttack on true
+    labels), or None for an attack run in one go."""
+    if isinstance(attack, Attack) and attack.name == "autoattack" \
+            and attack.label_source == "true":
+        return autoattack_stages(attack.eps, **dict(attack.options))
+    return None
+
+
+class Evaluator:
+    """Clean and adversarial evaluation of ``(params, model_state)`` on in-memory data.
+
+    Args:
+      model_fn: the model convention of the library (see the module docstring).
+      batch_size: rows per evaluated batch (rounded up to a multiple of the mesh's devices; a
+        dataset smaller than a batch is one batch).
+      mesh: a ``parallel.make_mesh`` mesh: batches are split across its devices; None = one device.
+    """
+
+    def __init__(self, model_fn: ModelFn, *, batch_size: int = 1000, mesh=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid; allowed values: integers >= 1.")
+        self.model_fn, self.batch_size, self.mesh = model_fn, int(batch_size), mesh
+        self._programs: dict = {}
+
+    # ---------------------------------------------------------------- compiled programs
+
+    def _jit(self, fn, num_args: int = 5):
+        """jit ``fn(params, model_state, x, y, key, *rest)`` with the batch split across the mesh
+        (x and y sharded on axis 0, all else replicated, results gathered on every device)."""
+        if self.mesh is None:
+            return jax.jit(fn)
+        rep, data = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
+        return jax.jit(fn, in_shardings=(rep, rep, data, data) + (rep,) * (num_args - 4),
+                       out_shardings=rep)
+
+    def program(self, attack: Optional[Attack]):
+        """The jitted ``(params, model_state, x, y, key) -> (correct [B], loss [B])`` of one attack
+        (None: clean); compiled once per attack and batch shape."""
+        if attack not in self._programs:
+            model_fn = self.model_fn
+
+            def correct_and_loss(params, model_state, x, y, key):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                if attack is not None:
+                    x = attack(logits_fn, x, y, key)
+                logits = logits_fn(x)
+                return jnp.argmax(logits, axis=-1) == y, cross_entropy(logits, y)
+
+            self._programs[attack] = self._jit(correct_and_loss)
+        return self._programs[attack]
+
+    def _adversarial_program(self, attack: Attack):
+        key = ("adversarial", attack)
+        if key not in self._programs:
+            model_fn = self.model_fn
+
+            def adversarial(params, model_state, x, y, key):
+                return attack(lambda z: model_fn(params, model_state, z, False)[0], x, y, key)
+
+            self._programs[key] = self._jit(adversarial)
+        return self._programs[key]
+
+    def _sweep_program(self, attack: Attack, with_step_sizes: bool):
+        key = ("sweep", attack, with_step_sizes)
+        if key not in self._programs:
+            model_fn = self.model_fn
+
+            def sweep(params, model_state, x, y, key, eps_grid, step_sizes):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+
+                def correct_at(eps, step_size):
+                    x_adv = attack(logits_fn, x, y, key, eps=eps, step_size=step_size)
+                    return jnp.argmax(logits_fn(x_adv), axis=-1) == y
+
+                if step_sizes is None:
+                    return jax.vmap(lambda eps: correct_at(eps, None))(eps_grid)
+                return jax.vmap(correct_at)(eps_grid, step_sizes)
+
+            if not with_step_sizes:
+                sweep_fn = lambda p, s, x, y, k, eps: sweep(p, s, x, y, k, eps, None)
+            else:
+                sweep_fn = sweep
+            self._programs[key] = self._jit(sweep_fn, 7 if with_step_sizes else 6)
+        return self._programs[key]
+
+    # ---------------------------------------------------------------- batching
+
+    def _size(self, num_examples: int) -> int:
+        """The batch size for a dataset: at most batch_size, a multiple of the devices."""
+        shards = parallel.num_shards(self.mesh)
+        return -(-min(self.batch_size, num_examples) // shards) * shards
+
+    def _place(self, x, y):
+        if self.mesh is None:
+            return x, y
+        return parallel.put((x, y), parallel.batch_sharded(self.mesh))
+
+    def _batches(self, images, labels, progress: bool, desc: str):
+        """Yields (index, x, y, valid) with x, y placed on the mesh (batch split)."""
+        size = self._size(len(images))
+        spans = list(batch_spans(len(images), size))
+        for index, (start, valid) in enumerate(tqdm(spans, disable=not progress, desc=desc,
+                                                    leave=False)):
+            yield (index, *self._place(pad_batch(images, start, size),
+                                       pad_batch(labels, start, size)), valid)
+
+    def _params(self, params, model_state):
+        if self.mesh is None:
+            return params, model_state
+        return parallel.put((params, model_state), parallel.replicated(self.mesh))
+
+    # ---------------------------------------------------------------- public
+
+    def per_example(self, params, model_state, images, labels,
+                    attacks: Optional[Mapping[str, Attack]] = None,
+                    key: Optional[jax.Array] = None, *,
+                    progress: bool = False) -> dict[str, PerExample]:
+        """{"clean": ..., <attack name>: ...} per-example correctness and cross-entropy."""
+        images, labels = _check_data(images, labels)
+        attacks = attacks or {}
+        _check_attacks(attacks)
+        if attacks and key is None:
+            raise ValueError("key=None is invalid with attacks; pass a jax.random key.")
+        params, model_state = self._params(params, model_state)
+        named = [(CLEAN, None)] + list(attacks.items())
+        out = {}
+        for name, attack in named:
+            stages = staged(attack)
+            if stages is not None:
+                out[name] = self._run_stages(params, model_state, images, labels, stages,
+                                             out[CLEAN].correct, keys_lib.derive(key, name),
+                                             progress, name)
+                continue
+            # The clean program ignores its key: any fixed one keeps the signature uniform.
+            attack_key = _UNUSED_KEY if attack is None else keys_lib.derive(key, name)
+            correct, loss = [], []
+            for index, x, y, valid in self._batches(images, labels, progress, name):
+                c, l = self.program(attack)(params, model_state, x, y,
+                                            jax.random.fold_in(attack_key, index))
+                correct.append(np.asarray(c)[:valid])
+                loss.append(np.asarray(l)[:valid])
+            out[name] = PerExample(np.concatenate(correct), np.concatenate(loss))
+        return out
+
+    def evaluate(self, params, model_state, images, labels,
+                 attacks: Optional[Mapping[str, Attack]] = None, key: Optional[jax.Array] = None,
+                 *, progress: bool = False) -> dict[str, float]:
+        """Mean accuracy and loss, clean and under each attack, plus the per-example worst case.
+
+        Returns ``{"accuracy", "loss", "<name>_accuracy", "<name>_loss" for each attack, and with
+        attacks "worst_case_accuracy"}``: an example counts for the worst case only if it is
+        classified correctly clean and under every attack.
+        """
+        results = self.per_example(params, model_state, images, labels, attacks, key,
+                                   progress=progress)
+        out = {}
+        for name, outcome in results.items():
+            prefix = "" if name == CLEAN else f"{name}_"
+            out[f"{prefix}accuracy"] = float(outcome.correct.mean())
+            if outcome.stages is None:
+                out[f"{prefix}loss"] = float(outcome.loss.mean())
+            else:
+                out.update({f"{name}/{stage}_accuracy": float(robust.mean())
+                            for stage, robust in outcome.stages.items()})
+        if attacks:
+            worst = np.logical_and.reduce([r.correct for r in results.values()])
+            out[f"{WORST_CASE}_accuracy"] = float(worst.mean())
+        return out
+
+    def _run_stages(self, params, model_state, images, labels, stages: Mapping[str, Attack],
+                    robust, key, progress: bool, desc: str) -> PerExample:
+        """A staged attack on the images ``robust`` before it (clean-correct)."""
+        programs = [self.program(attack) for attack in stages.values()]
+        size, shards = self._size(len(images)), parallel.num_shards(self.mesh)
+        # Chunk sizes: the batch and its halvings, each a multiple of the devices.
+        buckets = sorted({max(shards, (size >> k) // shards * shards) for k in range(5)})
+
+        def stage_fn(index, x, y, chunk_key):
+            return programs[index](params, model_state, *self._place(x, y), chunk_key)[0]
+
+        bar = tqdm(total=len(stages), disable=not progress, desc=desc, leave=False)
+        done = {}
+
+        def advance(stage, finished, total):
+            if finished == total and stage not in done:
+                done[stage] = True
+                bar.update(1)
+
+        flags = autoattack.run_stages(stage_fn, images, labels, robust, key, stages=tuple(stages),
+                                      batch_size=size, bucket_sizes=buckets, progress=advance)
+        bar.close()
+        last = flags[tuple(stages)[-1]]
+        return PerExample(last, np.full(len(images), np.nan, np.float32), flags)
+
+    def adversarial_examples(self, params, model_state, images, labels, attack: Attack,
+                             key: jax.Array) -> np.ndarray:
+        """The adversarial images of ``attack`` (keys as in :meth:`per_example` for name "adv")."""
+        images, labels = _check_data(images, labels)
+        params, model_state = self._params(params, model_state)
+        attack_key = keys_lib.derive(key, "adv")
+        out = [np.asarray(self._adversarial_program(attack)(
+                   params, model_state, x, y, jax.random.fold_in(attack_key, index)))[:valid]
+               for index, x, y, valid in self._batches(images, labels, False, "adv")]
+        return np.concatenate(out)
+
+    def sweep(self, params, model_state, images, labels, attack: Attack, eps_grid, key,
+              step_size_ratio: Optional[float] = None) -> np.ndarray:
+        """Robust accuracy under ``attack`` at each ε of ``eps_grid`` (float array [E]), vmapped
+        over ε (one compile for the grid).
+
+        Every ε uses the same per-batch keys (common random numbers), so the curve is smoother.
+        Step sizes are ``step_size_ratio · ε``; the ratio defaults to the attack's step_size / eps
+        (FGSM without a step size steps ε; APGD adapts its own).
+        """
+        images, labels = _check_data(images, labels)
+        if not isinstance(attack, Attack):
+            raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from "
+                             "`make_attack`.")
+        eps_grid = np.asarray(eps_grid, np.float32)
+        if eps_grid.ndim != 1 or eps_grid.size == 0 or not np.all(np.isfinite(eps_grid)) \
+                or np.any(eps_grid < 0):
+            raise ValueError(f"eps_grid={eps_grid!r} is invalid; allowed values: a non-empty 1-D "
+                             "array of finite numbers >= 0.")
+        step_sizes = _sweep_step_sizes(attack, eps_grid, step_size_ratio)
+        program = self._sweep_program(attack, step_sizes is not None)
+        params, model_state = self._params(params, model_state)
+        extra = (eps_grid,) if step_sizes is None else (eps_grid, step_sizes)
+        totals = np.zeros(len(eps_grid), np.int64)
+        for index, x, y, valid in self._batches(images, labels, False, "sweep"):
+            correct = program(params, model_state, x, y, jax.random.fold_in(key, index), *extra)
+            totals += np.asarray(correct)[:, :valid].sum(axis=1)
+        return totals / len(images)
 
 
 def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> Optional[np.ndarray]:
@@ -146,30 +345,6 @@ def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> 
         raise ValueError(f"step_size_ratio={step_size_ratio!r} is invalid; allowed values: finite "
                          "numbers >= 0.")
     return (step_size_ratio * eps_grid).astype(np.float32)
-
-
-def epsilon_sweep(apply_fn: ApplyFn, variables, images, labels, attack: Attack, eps_grid, key,
-                  batch_size: int = 1000, step_size_ratio: Optional[float] = None) -> np.ndarray:
-    """Robust accuracy under `attack` at each ε of `eps_grid` (float array [E]), vmapped over ε.
-
-    Every ε uses the same per-batch keys (common random numbers), so the curve is smoother.
-    Step sizes are ``step_size_ratio · ε``; the ratio defaults to the attack's step_size / eps
-    (FGSM without a step size steps ε; APGD adapts its own).
-    """
-    images, labels = _check_data(images, labels, batch_size)
-    if not isinstance(attack, Attack):
-        raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from `make_attack`.")
-    eps_grid = np.asarray(eps_grid, np.float32)
-    if eps_grid.ndim != 1 or eps_grid.size == 0 or not np.all(np.isfinite(eps_grid)) or np.any(eps_grid < 0):
-        raise ValueError(f"eps_grid={eps_grid!r} is invalid; allowed values: a non-empty 1-D array "
-                         "of finite numbers >= 0.")
-    step_sizes = _sweep_step_sizes(attack, eps_grid, step_size_ratio)
-    totals = np.zeros(len(eps_grid), np.int64)
-    for index, (x, y, valid) in enumerate(_padded_batches(images, labels, batch_size)):
-        correct = _sweep_correct(variables, x, y, jax.random.fold_in(key, index), eps_grid,
-                                 step_sizes, apply_fn=apply_fn, attack=attack)
-        totals += np.asarray(correct)[:, :valid].sum(axis=1)
-    return totals / len(images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +375,7 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
                   sweep_accuracies, num_examples: int, num_classes: int,
                   tolerance_examples: int = 1, chance_slack: float = 0.05,
                   loss_gap_slack: float = 0.05) -> list[Check]:
-    """Checks that robustness numbers are plausible; failures are logged as warnings.
+    """Checks that robustness numbers are plausible (details in percent; failures also logged).
 
     Args:
       clean_accuracy: accuracy on clean data.
@@ -230,33 +405,61 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
     fgsm, pgd, apgd_ce = (attack_accuracies[name] for name in ("fgsm", "pgd", "apgd"))
     dlr = attack_accuracies.get("apgd_dlr")
     apgd = apgd_ce if dlr is None else min(apgd_ce, dlr)
-    apgd_detail = f"apgd {apgd_ce:.4f}" + ("" if dlr is None else f", apgd_dlr {dlr:.4f}")
+    pct = lambda value: f"{100 * value:.2f} %"
+    apgd_detail = f"apgd {pct(apgd_ce)}" + ("" if dlr is None else f", apgd_dlr {pct(dlr)}")
 
     rises = [(float(eps_grid[i]), float(eps_grid[i + 1]), float(sweep[i]), float(sweep[i + 1]))
              for i in range(len(sweep) - 1) if sweep[i + 1] > sweep[i] + tol]
     chance = 1.0 / num_classes
     checks = [
         Check("monotone_in_eps", not rises,
-              "accuracy never rises with ε" if not rises else
-              "accuracy rises: " + ", ".join(f"ε {a:g}->{b:g}: {p:.4f}->{q:.4f}" for a, b, p, q in rises)),
+              "accuracy never rises with ε" if not rises else "accuracy rises: " + ", ".join(
+                  f"ε {a:g}->{b:g}: {pct(p)}->{pct(q)}" for a, b, p, q in rises)),
         Check("eps0_equals_clean", abs(sweep[0] - clean_accuracy) <= tol,
-              f"accuracy at ε=0 {sweep[0]:.4f} vs clean {clean_accuracy:.4f}"),
-        Check("pgd_not_weaker_than_fgsm", pgd <= fgsm + tol, f"pgd {pgd:.4f} vs fgsm {fgsm:.4f}"),
-        Check("apgd_not_weaker_than_pgd", apgd <= pgd + tol, f"{apgd_detail} vs pgd {pgd:.4f}"),
+              f"accuracy at ε=0 {pct(sweep[0])} vs clean {pct(clean_accuracy)}"),
+        Check("pgd_not_weaker_than_fgsm", pgd <= fgsm + tol, f"pgd {pct(pgd)} vs fgsm {pct(fgsm)}"),
+        Check("apgd_not_weaker_than_pgd", apgd <= pgd + tol, f"{apgd_detail} vs pgd {pct(pgd)}"),
         Check("large_eps_reaches_chance", sweep[-1] <= chance + chance_slack,
-              f"accuracy at ε={eps_grid[-1]:g} is {sweep[-1]:.4f}; chance {chance:.4f} "
-              f"+ slack {chance_slack:g}"),
+              f"accuracy at ε={eps_grid[-1]:g} is {pct(sweep[-1])}; chance {pct(chance)} "
+              f"+ slack {100 * chance_slack:g} points"),
     ]
     if dlr is not None:
+        gap = pgd - dlr
         checks.append(Check(
-            "ce_and_dlr_agree", pgd - dlr <= loss_gap_slack,
-            f"pgd (cross-entropy) {pgd:.4f} vs apgd_dlr {dlr:.4f}; gap {pgd - dlr:+.4f}, slack "
-            f"{loss_gap_slack:g}" + ("" if pgd - dlr <= loss_gap_slack else
-                                      " (cross-entropy attacks overestimate robustness here)")))
+            "ce_and_dlr_agree", gap <= loss_gap_slack,
+            f"pgd (cross-entropy) {pct(pgd)} vs apgd_dlr {pct(dlr)}; gap {100 * gap:+.2f} points, "
+            f"slack {100 * loss_gap_slack:g}" + ("" if gap <= loss_gap_slack else
+                                                " (cross-entropy attacks overestimate robustness "
+                                                "here)")))
     for check in checks:
-        if not check.passed:
-            logging.warning("Robustness sanity check FAILED: %s: %s", check.name, check.detail)
+        if not check.passed:  # The caller reports them (the engine in summary.json and the report).
+            logging.info("Robustness sanity check FAILED: %s: %s", check.name, check.detail)
     return checks
+
+
+def square_check(stage_accuracies: Mapping[str, float], num_examples: int, *,
+                 slack: float = 0.01) -> Check:
+    """Gradient masking seen by AutoAttack: its gradient-free last stage (Square) attacks only the
+    images APGD-CE, APGD-T and FAB-T all left robust, so whatever it breaks, every gradient
+    attack missed. More than ``slack`` (a fraction of the images) means the gradients mislead
+    (Croce & Hein 2020): only the gradient-free number holds.
+
+    ``stage_accuracies``: robust accuracy after each stage, in order, Square last.
+    """
+    stages = list(stage_accuracies)
+    if len(stages) < 2 or stages[-1] != "square":
+        raise ValueError(f"stage_accuracies has stages {stages}; expected AutoAttack's, Square "
+                         "last.")
+    before, after = stage_accuracies[stages[-2]], stage_accuracies["square"]
+    broken = before - after
+    count = round(broken * num_examples)
+    passed = broken <= slack + 1e-9
+    detail = (f"Square broke {count} of {num_examples} images ({100 * broken:.2f} %) that every "
+              f"gradient attack missed; slack {100 * slack:g} %"
+              + ("" if passed else " (gradient masking: trust the gradient-free number)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: square_finds_nothing_new: %s", detail)
+    return Check("square_finds_nothing_new", passed, detail)
 
 
 def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
@@ -274,27 +477,27 @@ def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
     return attacks
 
 
-def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps: float,
-                      norm: str = "linf", num_steps: int = 20,
+def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels, key, *,
+                      eps: float, norm: str = "linf", num_steps: int = 20,
                       attacks: Optional[Mapping[str, Attack]] = None, sweep_points: int = 5,
-                      large_eps: Optional[float] = None, batch_size: int = 1000,
-                      tolerance_examples: int = 1, chance_slack: float = 0.05,
-                      loss_gap_slack: float = 0.05, progress: bool = False) -> list[Check]:
-    """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep, then runs `sanity_checks` on the results.
+                      large_eps: Optional[float] = None, tolerance_examples: int = 1,
+                      chance_slack: float = 0.05, loss_gap_slack: float = 0.05) -> list[Check]:
+    """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep with `evaluator`, then runs
+    `sanity_checks` on the results.
 
     `attacks` (keys "fgsm", "pgd", "apgd", optionally "apgd_dlr") defaults to
-    `sanity_attacks(eps, norm, num_steps, num_classes)`; the
-    sweep uses attacks["pgd"] at `sweep_points` values of ε in [0, eps] plus `large_eps` (default:
-    the box's width for L∞, its diagonal for L2, enough to reach any input from any other).
-    The PGD step scales with ε in the sweep.
+    `sanity_attacks(eps, norm, num_steps, num_classes)`; the sweep uses attacks["pgd"] at
+    `sweep_points` values of ε in [0, eps] plus `large_eps` (default: the box's width for L∞, its
+    diagonal for L2, enough to reach any input from any other). The PGD step scales with ε.
     """
     check_choice("norm", norm, NORMS)
     if not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps={eps!r} is invalid; allowed values: numbers > 0.")
     if isinstance(sweep_points, bool) or not isinstance(sweep_points, int) or sweep_points < 2:
         raise ValueError(f"sweep_points={sweep_points!r} is invalid; allowed values: integers >= 2.")
-    images, labels = _check_data(images, labels, batch_size)
-    num_classes = jax.eval_shape(lambda z: apply_fn(variables, z), images[:1]).shape[-1]
+    images, labels = _check_data(images, labels)
+    num_classes = jax.eval_shape(lambda x: evaluator.model_fn(params, model_state, x, False)[0],
+                                 images[:1]).shape[-1]
     attacks = dict(sanity_attacks(eps, norm, num_steps, num_classes) if attacks is None
                    else attacks)
     _require_sanity_attacks("attacks", attacks)
@@ -306,12 +509,12 @@ def run_sanity_checks(apply_fn: ApplyFn, variables, images, labels, key, *, eps:
         raise ValueError(f"large_eps={large_eps!r} is invalid; allowed values: numbers > eps={eps!r}.")
 
     attack_key, sweep_key = jax.random.split(key)
-    results = evaluate_robustness(apply_fn, variables, images, labels, attacks, attack_key,
-                                  batch_size=batch_size, progress=progress)
+    results = evaluator.evaluate(params, model_state, images, labels, attacks, attack_key)
+    accuracies = {name: results[f"{name}_accuracy"] for name in attacks}
     eps_grid = np.append(np.linspace(0.0, eps, sweep_points), large_eps)
-    sweep = epsilon_sweep(apply_fn, variables, images, labels, attacks["pgd"], eps_grid, sweep_key,
-                          batch_size=batch_size)
-    return sanity_checks(clean_accuracy=results["clean"], attack_accuracies=results,
+    sweep = evaluator.sweep(params, model_state, images, labels, attacks["pgd"], eps_grid,
+                            sweep_key)
+    return sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
                          eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
                          num_classes=num_classes, tolerance_examples=tolerance_examples,
                          chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)

@@ -1,7 +1,7 @@
 """HYDRA (Sehwag et al. 2020): learn which weights to keep by training importance scores.
 
 Every prunable weight w gets a score s. The network uses ``w ⊙ m`` where ``m`` keeps the top
-``density`` fraction of scores *of each layer*; the straight-through estimator passes the
+``weights_remaining`` fraction of scores *of each layer*; the straight-through estimator passes the
 gradient through the top-k as if it were the identity, so ``∂L/∂s = ∂L/∂(w ⊙ m) · w`` for every
 weight, kept or not. The weights stay frozen while the scores train with the adversarial
 objective; the final mask then goes to ordinary adversarial fine-tuning of the weights.
@@ -28,11 +28,11 @@ from sparse_robust import pruning
 from sparse_robust import training
 
 
-def _check_density(density) -> float:
-    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1:
-        raise ValueError(f"density={density!r} is invalid; allowed values: the fraction of weights "
-                         "kept per layer, a number in (0, 1].")
-    return float(density)
+def _check_weights_remaining(value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ValueError(f"weights_remaining={value!r} is invalid; allowed values: the fraction of "
+                         "weights kept per layer, a number in (0, 1].")
+    return float(value)
 
 
 def init_scores(params, mask=None):
@@ -44,30 +44,28 @@ def init_scores(params, mask=None):
     masks_lib.check_mask(params, mask)
 
     def score(m, w):
-        if m is None:
-            return None
         magnitude = jnp.abs(w).astype(jnp.float32)
         fan_in = math.prod(jnp.shape(w)[:-1])
         # A layer of zeros gets zero scores rather than NaN.
         return math.sqrt(6.0 / fan_in) * magnitude / jnp.maximum(jnp.max(magnitude), 1e-30)
 
-    return jax.tree_util.tree_map(score, mask, params, is_leaf=masks_lib._is_none)
+    return masks_lib.map_prunable(score, mask, params)
 
 
-def topk_mask(scores, density: float):
-    """Keep the ``density`` fraction with the highest scores in each layer.
+def topk_mask(scores, weights_remaining: float):
+    """Keep the ``weights_remaining`` fraction with the highest scores in each layer.
 
-    Exactly ``n - round((1 - density) · n)`` weights survive in a layer of ``n`` (ties go to the
-    later flat index), via ``pruning.prune``. Jittable.
+    Exactly ``n - round((1 - weights_remaining) · n)`` weights survive in a layer of ``n`` (ties
+    go to the later flat index), via ``pruning.prune``. Jittable.
     """
-    density = _check_density(density)
+    weights_remaining = _check_weights_remaining(weights_remaining)
     alive = jax.tree_util.tree_map(lambda s: jnp.ones(jnp.shape(s), bool), scores)
-    return pruning.prune(scores, alive, 1.0 - density, scope="layerwise")
+    return pruning.prune(scores, alive, 1.0 - weights_remaining, scope="layerwise")
 
 
-def masked_weights(weights, scores, density: float):
+def masked_weights(weights, scores, weights_remaining: float):
     """``w ⊙ topk(s)`` forward; straight-through backward: ``∂/∂s = ∂/∂(w ⊙ m) · w``."""
-    mask = topk_mask(jax.lax.stop_gradient(scores), density)
+    mask = topk_mask(jax.lax.stop_gradient(scores), weights_remaining)
 
     def gate(s, m, w):
         if s is None:
@@ -75,20 +73,20 @@ def masked_weights(weights, scores, density: float):
         # m + (s - s): the value is exactly m, the derivative in s is exactly 1.
         return w * (m.astype(w.dtype) + (s - jax.lax.stop_gradient(s)).astype(w.dtype))
 
-    return jax.tree_util.tree_map(gate, scores, mask, weights, is_leaf=masks_lib._is_none)
+    return jax.tree_util.tree_map(gate, scores, mask, weights, is_leaf=masks_lib.is_none)
 
 
-def make_score_model_fn(model_fn: training.ModelFn, density: float) -> training.ModelFn:
+def make_score_model_fn(model_fn: training.ModelFn, weights_remaining: float) -> training.ModelFn:
     """A model_fn whose trainable "params" are the scores.
 
     Its ``model_state`` is ``{"weights": frozen params, "model_state": the model's own state}``
     (see :func:`create_score_state`): the weights ride along untouched and get no gradient, so
     ``training.make_train_loop(score_model_fn, tx, objective)`` trains the scores alone.
     """
-    density = _check_density(density)
+    weights_remaining = _check_weights_remaining(weights_remaining)
 
     def score_model_fn(scores, state, x, train):
-        params = masked_weights(state["weights"], scores, density)
+        params = masked_weights(state["weights"], scores, weights_remaining)
         logits, inner = model_fn(params, state["model_state"], x, train)
         return logits, {"weights": state["weights"], "model_state": inner}
 

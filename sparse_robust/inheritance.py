@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from sparse_robust import masks as masks_lib
-from sparse_robust import pruning
+from sparse_robust import optim
 from sparse_robust import training
 from sparse_robust.checks import check_choice
 from sparse_robust.models.base import linear_layer_calls
@@ -50,10 +50,10 @@ def flattened_inputs(model: nn.Module, sample_input) -> dict[str, int]:
 
 
 def _leaves(tree, what: str) -> dict[str, Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=masks_lib._is_none)[0]
-    if not flat:
+    leaves = masks_lib.named_leaves(tree)
+    if not leaves:
         raise ValueError(f"{what} is empty.")
-    return {masks_lib.path_name(p): leaf for p, leaf in flat}
+    return leaves
 
 
 def _blocked_shape(name: str, shape: tuple, positions: Optional[int]) -> tuple:
@@ -106,11 +106,6 @@ def _positions(small_params, small_mask, large_params, flattened) -> dict[str, t
     return out
 
 
-def _rebuild(like, values: Mapping[str, Any]):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    return treedef.unflatten([values[masks_lib.path_name(p)] for p, _ in flat])
-
-
 def inherit_wider(small_params, small_mask, large_init_params, *, fill: str = "zeros",
                   fill_scale: float = 1.0, flattened_inputs: Optional[Mapping[str, int]] = None):
     """Initial params of a large network holding a small sparse network's surviving weights.
@@ -136,7 +131,7 @@ def inherit_wider(small_params, small_mask, large_init_params, *, fill: str = "z
     for name, (placed, inherited, init) in positions.items():
         filler = jnp.zeros_like(init) if fill == "zeros" else fill_scale * init
         values[name] = jnp.where(inherited, placed, filler).astype(jnp.result_type(init))
-    return _rebuild(large_init_params, values)
+    return masks_lib.from_named_leaves(large_init_params, values)
 
 
 def inherit(small_params, small_mask, large_init_params, *, fill: str = "zeros",
@@ -164,7 +159,7 @@ def trainable_mask(small_params, small_mask, large_params, which: str = "all", *
     flags = {name: (jnp.ones_like(inherited) if which == "all" else
                     inherited if which == "inherited" else ~inherited)
              for name, (_, inherited, _) in positions.items()}
-    return _rebuild(large_params, flags)
+    return masks_lib.from_named_leaves(large_params, flags)
 
 
 def create_train_state(params, model_state, tx: optax.GradientTransformation, trainable,
@@ -173,11 +168,11 @@ def create_train_state(params, model_state, tx: optax.GradientTransformation, tr
 
     Unlike ``training.create_train_state`` nothing is zeroed: ``trainable`` (e.g. from
     :func:`trainable_mask`) only stops gradients and updates, through the same
-    ``pruning.keep_pruned_at_zero`` wrapper the train step uses.
+    ``optim.keep_pruned_at_zero`` wrapper the train step uses.
     """
     params, model_state, trainable, key = jax.tree_util.tree_map(
         jnp.array, (params, model_state, trainable, jnp.asarray(key, jnp.uint32)))
     return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                model_state=model_state,
-                               opt_state=pruning.keep_pruned_at_zero(tx, trainable).init(params),
+                               opt_state=optim.keep_pruned_at_zero(tx, trainable).init(params),
                                key=key)

@@ -3,6 +3,9 @@
 A mask has the structure of the parameters: a boolean array (True = weight alive) for every
 prunable leaf and ``None`` for every other leaf (biases, norm scales, ...). All functions here are
 pure and work under ``jax.jit``/``jax.vmap``.
+
+The tree helpers (`is_none`, `named_leaves`, `from_named_leaves`, `map_prunable`) are public: the
+pruning, HYDRA and inheritance modules use them, and so can any code that handles masks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ Mask = Any
 PrunablePredicate = Callable[[str, Any], bool]
 
 
-def _is_none(x) -> bool:
+def is_none(x) -> bool:
+    """``is_leaf`` for trees with None leaves (masks): None counts as a leaf, not an empty node."""
     return x is None
 
 
@@ -57,9 +61,28 @@ def leaf_names(tree) -> list[str]:
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def named_leaves(tree) -> dict[str, Any]:
+    """{leaf name: leaf} in flattening order; None leaves (a mask's unprunable ones) included."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)[0]
+    return {path_name(p): leaf for p, leaf in flat}
+
+
+def from_named_leaves(like, values: Mapping[str, Any]):
+    """A tree with the structure of ``like`` whose leaf named n is ``values[n]`` (None-aware)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_none)
+    return treedef.unflatten([values[path_name(p)] for p, _ in flat])
+
+
+def map_prunable(fn: Callable, mask: Mask, *trees):
+    """``fn(mask_leaf, *tree_leaves)`` at every prunable leaf, None at every other one: a tree
+    with the mask's structure (e.g. scores, or per-weight flags restricted to the prunable part)."""
+    return jax.tree_util.tree_map(lambda m, *leaves: None if m is None else fn(m, *leaves),
+                                  mask, *trees, is_leaf=is_none)
+
+
 def mask_leaves(mask: Mask) -> dict[str, Any]:
     """{leaf name: bool array} for the prunable leaves of a mask (None leaves skipped)."""
-    flat = jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_none)[0]
+    flat = jax.tree_util.tree_flatten_with_path(mask, is_leaf=is_none)[0]
     return {path_name(p): m for p, m in flat if m is not None}
 
 
@@ -71,7 +94,7 @@ def layer_name(leaf_name: str) -> str:
 def check_mask(params: Params, mask: Mask) -> None:
     """Raise ValueError unless ``mask`` has the params' structure, shapes and a bool dtype."""
     try:
-        pairs = jax.tree_util.tree_map(lambda m, p: (m, p), mask, params, is_leaf=_is_none)
+        pairs = jax.tree_util.tree_map(lambda m, p: (m, p), mask, params, is_leaf=is_none)
     except ValueError as err:
         raise ValueError(
             "The mask does not have the structure of the params. Build it with "
@@ -95,7 +118,7 @@ def apply_mask(params: Params, mask: Mask) -> Params:
         return params
     return jax.tree_util.tree_map(
         lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), jnp.result_type(p))),
-        mask, params, is_leaf=_is_none)
+        mask, params, is_leaf=is_none)
 
 
 def count(mask: Mask) -> tuple[int, int]:
@@ -157,6 +180,6 @@ def mask_from_numpy(arrays: Mapping[str, np.ndarray], params: Params,
     def load(path, m):
         return None if m is None else jnp.asarray(arrays[path_name(path)], bool)
 
-    mask = jax.tree_util.tree_map_with_path(load, template, is_leaf=_is_none)
+    mask = jax.tree_util.tree_map_with_path(load, template, is_leaf=is_none)
     check_mask(params, mask)
     return mask

@@ -14,23 +14,10 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from sparse_robust.losses import cross_entropy, kl_divergence
 
 OBJECTIVES = ("natural", "mixed", "madry", "trades")
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with optional label smoothing."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
-    """Per-example KL(softmax(p) || softmax(q))."""
-    p_log = jax.nn.log_softmax(p_logits)
-    return jnp.sum(jnp.exp(p_log) * (p_log - jax.nn.log_softmax(q_logits)), axis=-1)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

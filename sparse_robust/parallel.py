@@ -2,8 +2,10 @@
 
 One mesh axis, ``data``: batches (and the attacks inside the train step, which act per example)
 are split along it; params, masks, optimizer state and the in-memory dataset are replicated.
-The same config runs unchanged on 1 or N devices, local or across hosts; the global batch size
-is the config's and must divide evenly across the devices.
+The same config runs unchanged on 1 or N devices, local or across processes (one per host, see
+``initialize_distributed``); the global batch size is the config's and must divide evenly across
+the devices. Across processes every process holds the same host data and ``put`` hands each
+device its own share, so each process feeds only its devices' part of every global batch.
 """
 
 from __future__ import annotations
@@ -56,7 +58,24 @@ def put(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree_util.tree_map(place, tree)
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """Start the multi-host runtime when asked (one call per process, before any computation)."""
-    if enabled:
-        jax.distributed.initialize()
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, *,
+                           heartbeat_timeout: int = 100,
+                           initialization_timeout: int = 300) -> None:
+    """Join the other processes of a multi-process run: one call per process, before any other
+    JAX call. Arguments left ``None`` are detected from the launcher's environment by
+    ``jax.distributed.initialize`` (SLURM, Open MPI, TPU pods; ``JAX_COORDINATOR_ADDRESS``).
+
+    A process that sends no heartbeat for ``heartbeat_timeout`` seconds is declared dead and JAX
+    stops the others; a process that ends waits as long for the others to end;
+    ``initialization_timeout`` bounds the wait for every process to join.
+    """
+    # Cross-process collectives on CPU need an implementation (gloo ships with jaxlib). The
+    # backend is not known before initialisation, so set it unless the platforms exclude CPU.
+    if "cpu" in (jax.config.jax_platforms or "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout,
+                               shutdown_timeout_seconds=heartbeat_timeout)

@@ -1,25 +1,28 @@
-"""Pruning criteria, scopes and an optax transformation that keeps pruned weights at zero.
+"""Pruning criteria and scopes, and the reset strategies of iterative pruning (rewinding).
 
 Pruning here always removes a fraction *of the weights still alive*: rate 0.2 applied three times
 leaves 0.8**3 of the prunable weights. A criterion is a score pytree (higher = more important);
 the scope says whether the lowest scores are taken per layer (each with its own rate) or over all
 prunable weights at once. Ties are broken by position (earlier flat index is pruned first), so the
 result is deterministic and removes exactly the requested count.
+
+Vocabulary: *weights remaining* (the fraction alive) and *sparsity* (1 - weights remaining) describe
+a mask; a *rate* is only ever the fraction of the remaining weights one pruning round removes.
+The optax wrapper that keeps pruned weights at zero is ``sparse_robust.optim.keep_pruned_at_zero``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
 from sparse_robust import masks as masks_lib
 
 Rates = Union[float, Mapping[str, float]]
 SCOPES = ("layerwise", "global")
+CRITERIA = ("magnitude", "random")
 DEFAULT_RATE_KEY = "*"
 
 
@@ -35,7 +38,8 @@ def random_scores(key: jax.Array, params):
     return treedef.unflatten([jax.random.uniform(k, jnp.shape(p)) for k, p in zip(keys, leaves)])
 
 
-def _check_rate(rate, where: str) -> float:
+def check_rate(rate, where: str = "") -> float:
+    """The rate as a float; ValueError unless it is a number in [0, 1)."""
     if not isinstance(rate, (int, float, np.floating)) or not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"Pruning rate {where} is {rate!r}; a rate is the fraction of the remaining "
                          "weights to remove, a number in [0, 1).")
@@ -46,7 +50,7 @@ def layer_rates(leaf_names: Iterable[str], rates: Rates) -> dict[str, float]:
     """Resolve ``rates`` (a float, or {layer name or '*': rate}) to a rate per prunable leaf name."""
     names = list(leaf_names)
     if not isinstance(rates, Mapping):
-        rate = _check_rate(rates, "")
+        rate = check_rate(rates, "")
         return {n: rate for n in names}
     layers = {masks_lib.layer_name(n) for n in names}
     unknown = set(rates) - layers - {DEFAULT_RATE_KEY}
@@ -57,9 +61,9 @@ def layer_rates(leaf_names: Iterable[str], rates: Rates) -> dict[str, float]:
     for name in names:
         layer = masks_lib.layer_name(name)
         if layer in rates:
-            resolved[name] = _check_rate(rates[layer], f"for layer {layer!r}")
+            resolved[name] = check_rate(rates[layer], f"for layer {layer!r}")
         elif DEFAULT_RATE_KEY in rates:
-            resolved[name] = _check_rate(rates[DEFAULT_RATE_KEY], f"{DEFAULT_RATE_KEY!r}")
+            resolved[name] = check_rate(rates[DEFAULT_RATE_KEY], f"{DEFAULT_RATE_KEY!r}")
         else:
             raise ValueError(f"No pruning rate for layer {layer!r}: give it one or add a "
                              f"{DEFAULT_RATE_KEY!r} entry.")
@@ -94,11 +98,7 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
     if scope not in SCOPES:
         raise ValueError(f"Unknown pruning scope {scope!r}; choose one of {SCOPES}.")
     alive_by_name = masks_lib.mask_leaves(mask)
-    leaves = jax.tree_util.tree_flatten_with_path(mask, is_leaf=masks_lib._is_none)[0]
-    treedef = jax.tree_util.tree_structure(mask, is_leaf=masks_lib._is_none)
-    score_by_name = dict(
-        (masks_lib.path_name(p), s)
-        for p, s in jax.tree_util.tree_flatten_with_path(scores, is_leaf=masks_lib._is_none)[0])
+    score_by_name = masks_lib.named_leaves(scores)
     missing = set(alive_by_name) - set(score_by_name)
     if missing:
         raise ValueError(f"Scores lack the prunable leaves {sorted(missing)}; give scores shaped "
@@ -111,7 +111,7 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
     else:
         if isinstance(rates, Mapping):
             raise ValueError("Global pruning takes one rate (a float), not a mapping per layer.")
-        rate = _check_rate(rates, "")
+        rate = check_rate(rates, "")
         names = list(alive_by_name)
         flat_scores = jnp.concatenate([jnp.ravel(score_by_name[n]).astype(jnp.float32)
                                        for n in names])
@@ -120,8 +120,8 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
         sizes = np.cumsum([np.size(alive_by_name[n]) for n in names])[:-1]
         new = {n: part.reshape(jnp.shape(alive_by_name[n]))
                for n, part in zip(names, jnp.split(kept, sizes))}
-    return treedef.unflatten([None if m is None else new[masks_lib.path_name(p)]
-                              for p, m in leaves])
+    return masks_lib.from_named_leaves(
+        mask, {name: new.get(name) for name in masks_lib.named_leaves(mask)})
 
 
 def magnitude_prune(params, mask, rates: Rates, *, scope: str = "layerwise"):
@@ -136,8 +136,7 @@ def random_prune(key: jax.Array, mask, rates: Rates, *, scope: str = "layerwise"
 
 def mask_as_params(mask):
     """Float placeholders with the mask's shapes, for criteria that need only shapes."""
-    return jax.tree_util.tree_map(lambda m: None if m is None else jnp.zeros(jnp.shape(m)), mask,
-                                  is_leaf=masks_lib._is_none)
+    return masks_lib.map_prunable(lambda m: jnp.zeros(jnp.shape(m)), mask)
 
 
 def weights_remaining_schedule(leaf_sizes: Mapping[str, int], rates: Rates,
@@ -159,33 +158,39 @@ def weights_remaining_schedule(leaf_sizes: Mapping[str, int], rates: Rates,
     return out
 
 
-class MaskedState(NamedTuple):
-    """Optimizer state of :func:`keep_pruned_at_zero`: the inner state and the current mask."""
-    inner_state: Any
-    mask: Any
+def prune_by(criterion: str, params, mask, rates: Rates, *, scope: str = "layerwise",
+             key: Optional[jax.Array] = None):
+    """One pruning round by a named criterion: "magnitude" (of ``params``) or "random" (``key``)."""
+    if criterion == "magnitude":
+        return magnitude_prune(params, mask, rates, scope=scope)
+    if criterion == "random":
+        if key is None:
+            raise ValueError("criterion='random' needs a PRNG key; pass key=.")
+        return random_prune(key, mask, rates, scope=scope)
+    raise ValueError(f"criterion={criterion!r} is invalid; allowed values: {CRITERIA}.")
 
 
-def keep_pruned_at_zero(inner: optax.GradientTransformation,
-                        mask=None) -> optax.GradientTransformation:
-    """Wrap an optax optimizer so that pruned weights get exactly zero updates.
+# What the surviving weights of the next round start from, and the source each strategy reads:
+#   rewind_init    their values at initialisation θ0: the lottery ticket ("init");
+#   rewind_step    their values after k training steps of the dense round ("rewind");
+#   random_reinit  a fresh draw of the initializer ("fresh");
+#   continue       the trained values of the previous round ("previous");
+#   dense_trained  the trained *dense* values: what the original Cosentino code did
+#                  ("dense_trained"); a meaningful baseline ("inherit trained weights").
+RESET_SOURCES = {"rewind_init": "init", "rewind_step": "rewind", "random_reinit": "fresh",
+                 "continue": "previous", "dense_trained": "dense_trained"}
+RESET_STRATEGIES = tuple(RESET_SOURCES)
 
-    Gradients of pruned weights are zeroed *before* the inner optimizer (so no momentum or second
-    moment ever builds up for them) and its updates are zeroed *after* (so weight decay and any
-    other term cannot move them). Starting from masked params, pruned weights stay exactly 0.
 
-    The mask lives in the optimizer state, not in the closure: one jitted train step serves every
-    pruning level, and a new level only needs a new ``init``. ``mask=None`` at construction means a
-    dense (all-alive) mask at ``init``.
+def reset(strategy: str, mask, sources: Mapping[str, Any]):
+    """The next round's starting params: ``sources[RESET_SOURCES[strategy]]`` under ``mask``.
+
+    ``sources`` maps source names ("init", "rewind", "fresh", "previous", "dense_trained") to param
+    pytrees; only the one the strategy reads must be present.
     """
-
-    def init_fn(params):
-        mask_ = masks_lib.create_mask(params) if mask is None else mask
-        masks_lib.check_mask(params, mask_)
-        return MaskedState(inner.init(params), mask_)
-
-    def update_fn(updates, state, params=None):
-        updates = masks_lib.apply_mask(updates, state.mask)
-        updates, inner_state = inner.update(updates, state.inner_state, params)
-        return masks_lib.apply_mask(updates, state.mask), MaskedState(inner_state, state.mask)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    if strategy not in RESET_SOURCES:
+        raise ValueError(f"strategy={strategy!r} is invalid; allowed values: {RESET_STRATEGIES}.")
+    source = RESET_SOURCES[strategy]
+    if sources.get(source) is None:
+        raise ValueError(f"Strategy {strategy!r} needs the {source!r} params.")
+    return masks_lib.apply_mask(sources[source], mask)

@@ -1,9 +1,13 @@
-"""Train state, jitted train steps (``lax.scan`` over batches) and evaluation.
+"""Train state and jitted train steps (``lax.scan`` over batches, or one call per step).
 
 One training loop serves every experiment: it takes any :class:`~sparse_robust.objectives.Objective`
 and any optax optimizer, keeps pruned weights at zero through
-:func:`~sparse_robust.pruning.keep_pruned_at_zero`, and draws each step's randomness from
+:func:`~sparse_robust.optim.keep_pruned_at_zero`, and draws each step's randomness from
 ``fold_in(state.key, state.step)`` so that a run resumed from a checkpoint continues bit for bit.
+
+The model convention of the whole library is ``model_fn(params, model_state, x, train) ->
+(logits, new_model_state)`` (:func:`make_model_fn` builds it from a flax module); evaluation
+(:mod:`sparse_robust.evaluation`) uses the same function in eval mode.
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sparse_robust import masks as masks_lib
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
-from sparse_robust import pruning
+from sparse_robust import optim
 from sparse_robust.models.base import linear_layer_calls
 
 ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
@@ -31,13 +34,14 @@ class TrainState:
     """Everything a training run carries from step to step (a pytree).
 
     ``key`` is a raw uint32 PRNG key (``jax.random.PRNGKey``) so that checkpoints store it as a
-    plain array. The mask lives in the optimizer state (see ``keep_pruned_at_zero``).
+    plain array. The mask lives in the optimizer state (an ``optim.MaskedState``, see
+    ``optim.keep_pruned_at_zero``).
     """
 
     step: jax.Array
     params: Any
     model_state: Any
-    opt_state: pruning.MaskedState
+    opt_state: optax.OptState
     key: jax.Array
 
     @property
@@ -85,7 +89,7 @@ def create_train_state(params, model_state, tx: optax.GradientTransformation, ma
     params, model_state, mask, key = jax.tree_util.tree_map(
         jnp.array, (params, model_state, mask, jnp.asarray(key, jnp.uint32)))
     params = masks_lib.apply_mask(params, mask)
-    opt_state = pruning.keep_pruned_at_zero(tx, mask).init(params)
+    opt_state = optim.keep_pruned_at_zero(tx, mask).init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=opt_state, key=key)
 
@@ -93,8 +97,12 @@ def create_train_state(params, model_state, tx: optax.GradientTransformation, ma
 def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
                     objective: objectives_lib.Objective,
                     augment: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
-    """``train_step(state, x, y) -> (state, metrics)``: one masked optimizer step (not jitted)."""
-    masked_tx = pruning.keep_pruned_at_zero(tx)
+    """``train_step(state, x, y) -> (state, metrics)``: one masked optimizer step (not jitted).
+
+    The optimizer's update also gets ``value=loss``, which optimizers such as
+    ``optax.contrib.reduce_on_plateau`` read and every other one ignores.
+    """
+    masked_tx = optim.keep_pruned_at_zero(tx)
 
     def train_step(state: TrainState, x, y):
         step_key = jax.random.fold_in(state.key, state.step)
@@ -102,9 +110,9 @@ def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
         if augment is not None:
             x = augment(augment_key, x)
         grad_fn = jax.value_and_grad(objective, argnums=1, has_aux=True)
-        (_, (model_state, metrics)), grads = grad_fn(model_fn, state.params, state.model_state,
-                                                     x, y, attack_key)
-        updates, opt_state = masked_tx.update(grads, state.opt_state, state.params)
+        (loss, (model_state, metrics)), grads = grad_fn(model_fn, state.params,
+                                                        state.model_state, x, y, attack_key)
+        updates, opt_state = masked_tx.update(grads, state.opt_state, state.params, value=loss)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   model_state=model_state, opt_state=opt_state)
         return new_state, metrics
@@ -115,11 +123,12 @@ def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation,
 def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
                     objective: objectives_lib.Objective, augment=None, mesh=None,
                     vmap_trials: bool = False, scan: bool = True):
-    """A jitted ``loop(state, images, labels, indices) -> (state, mean_metrics)``.
+    """A jitted ``loop(state, images, labels, indices) -> (state, metrics)``.
 
     ``indices`` is an int array [num_steps, batch] (see ``data.batch_indices``); the batches are
-    gathered on device inside a ``lax.scan``, and the metrics are averaged on device, so a chunk
-    of steps costs one dispatch and one host transfer. The state's buffers are donated.
+    gathered on device inside a ``lax.scan``, so a chunk of steps costs one dispatch. ``metrics``
+    holds every step's values, stacked: [num_steps] per name (a divergence can be traced to its
+    step). The state's buffers are donated.
 
     With ``scan=False`` each step is its own jitted call, dispatched from Python, with the same
     results. Use it for convolutional networks on CPU: XLA:CPU computes convolution weight
@@ -146,8 +155,7 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
 
     def loop(state, images, labels, indices):
         body = lambda carry, idx: gather_and_step(carry, images, labels, idx)
-        state, metrics = jax.lax.scan(body, state, indices)
-        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+        return jax.lax.scan(body, state, indices)
 
     fn = loop if scan else gather_and_step
     if vmap_trials:
@@ -169,14 +177,15 @@ class _SteppedLoop:
         self._step, self._step_axis = step, int(vmap_trials)
 
     def __call__(self, state, images, labels, indices):
-        indices = np.asarray(indices)  # slices go to the step's own input sharding
         step_metrics = []
         for i in range(indices.shape[self._step_axis]):
-            state, metrics = self._step(state, images, labels,
-                                        np.take(indices, i, axis=self._step_axis))
+            # Sliced where it lies: a batch-sharded array of several processes keeps its sharding
+            # (a host copy could not be sharded again across them).
+            step_indices = jax.lax.index_in_dim(indices, i, self._step_axis, keepdims=False)
+            state, metrics = self._step(state, images, labels, step_indices)
             step_metrics.append(metrics)
-        return state, jax.tree_util.tree_map(lambda *m: jnp.mean(jnp.stack(m), axis=0),
-                                             *step_metrics)
+        return state, jax.tree_util.tree_map(
+            lambda *m: jnp.stack(m, axis=self._step_axis), *step_metrics)
 
     def _cache_size(self) -> int:
         return self._step._cache_size()
@@ -196,65 +205,3 @@ def stack_states(states: list) -> Any:
 def unstack_states(stacked: Any, num: int) -> list:
     """Inverse of :func:`stack_states`."""
     return [jax.tree_util.tree_map(lambda x: x[i], stacked) for i in range(num)]
-
-
-def batch_spans(num_examples: int, batch_size: int):
-    """(start, valid) pairs covering [0, num_examples) in batches of batch_size rows, the last
-    one holding `valid` real rows (pad it with `pad_batch`)."""
-    for start in range(0, num_examples, batch_size):
-        yield start, min(batch_size, num_examples - start)
-
-
-def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
-    """Rows [start, start+batch_size) of ``array``, padded with copies of row 0 at the end."""
-    chunk = array[start:start + batch_size]
-    if len(chunk) < batch_size:
-        pad = np.repeat(array[:1], batch_size - len(chunk), axis=0)
-        chunk = np.concatenate([chunk, pad])
-    return chunk
-
-
-def make_eval_fn(model_fn: ModelFn, attack=None, mesh=None):
-    """Jitted per-batch sums of clean (and adversarial) loss and correct predictions.
-
-    Returns ``eval_batch(params, model_state, x, y, weight, key) -> dict of sums``; ``weight`` is
-    1 for real examples and 0 for padding, so a last partial batch compiles nothing new. With a
-    ``mesh`` the batch is split over its devices.
-    """
-
-    def eval_batch(params, model_state, x, y, weight, key):
-        logits, _ = model_fn(params, model_state, x, False)
-        sums = {"loss": jnp.sum(weight * objectives_lib.cross_entropy(logits, y)),
-                "accuracy": jnp.sum(weight * (jnp.argmax(logits, -1) == y))}
-        if attack is not None:
-            x_adv = attack(lambda z: model_fn(params, model_state, z, False)[0], x, y, key)
-            adv_logits, _ = model_fn(params, model_state, x_adv, False)
-            sums["adv_loss"] = jnp.sum(weight * objectives_lib.cross_entropy(adv_logits, y))
-            sums["adv_accuracy"] = jnp.sum(weight * (jnp.argmax(adv_logits, -1) == y))
-        return sums
-
-    if mesh is None:
-        jitted = jax.jit(eval_batch)
-    else:
-        rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-        jitted = jax.jit(eval_batch, in_shardings=(rep, rep, data, data, data, rep),
-                         out_shardings=rep)
-    jitted.num_shards = parallel.num_shards(mesh)
-    return jitted
-
-
-def evaluate(eval_batch, params, model_state, images: np.ndarray, labels: np.ndarray,
-             key: jax.Array, batch_size: int = 1000) -> dict[str, float]:
-    """Mean loss/accuracy (clean, and adversarial when the eval fn has an attack) over a dataset."""
-    if len(images) == 0:
-        raise ValueError("Cannot evaluate on an empty dataset.")
-    shards = getattr(eval_batch, "num_shards", 1)
-    # Small sets get one (padded) batch; every batch splits evenly over the devices.
-    batch_size = -(-min(batch_size, len(images)) // shards) * shards
-    totals = None
-    for i, (start, valid) in enumerate(batch_spans(len(images), batch_size)):
-        weight = (np.arange(batch_size) < valid).astype(np.float32)
-        sums = eval_batch(params, model_state, pad_batch(images, start, batch_size),
-                          pad_batch(labels, start, batch_size), weight, jax.random.fold_in(key, i))
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    return {k: float(v) / len(images) for k, v in totals.items()}

@@ -193,46 +193,78 @@ def assert_equivalent_results(actual, expected, y, loss, min_identical=0.85):
     assert same_point.mean() >= min_identical, same_point.mean()
 
 
+def ref_boundary_start(key, x, eps, norm):
+    """APGD's documented start on the ε-sphere, re-derived from the key."""
+    if norm == "linf":
+        t = np.asarray(jax.random.uniform(key, x.shape, jnp.float32, -1.0, 1.0))
+        size = np.abs(t.reshape(len(x), -1)).max(axis=1)
+    else:
+        t = np.asarray(jax.random.normal(key, x.shape, jnp.float32))
+        size = np.linalg.norm(t.reshape(len(x), -1), axis=1)
+    return np.clip(x + eps * t / (size.reshape(-1, *[1] * (x.ndim - 1)) + 1e-12), 0.0, 1.0)
+
+
+def ref_schedule(num_steps):
+    """The reference's (first interval, shrink, shortest interval), in its float arithmetic."""
+    return (max(int(0.22 * num_steps), 1), max(int(0.03 * num_steps), 1),
+            max(int(0.06 * num_steps), 1))
+
+
 def ref_checkpoints(num_steps):
-    """APGD checkpoints in exact integer arithmetic (p in percent)."""
-    p = [0, 22]
-    while p[-1] <= 100:
-        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
-    return sorted({-(-q * num_steps // 100) for q in p if 0 < q <= 100})
+    """APGD checkpoints by simulating the reference's loop: a counter of steps since the last
+    check, a check when it reaches the current interval k, then k shrinks."""
+    k, shrink, shortest = ref_schedule(num_steps)
+    checkpoints, counter = [], 0
+    for i in range(num_steps):
+        counter += 1
+        if counter == k:
+            checkpoints.append(i + 1)
+            counter, k = 0, max(k - shrink, shortest)
+    return checkpoints
 
 
-def ref_apgd_one(model, x, y, start, eps, num_steps, norm, loss, rho=0.75):
-    """Croce & Hein (2020) Algorithm 1 for one example, written as plain Python."""
+def model_objective(model, y, loss):
+    """z -> (loss, d loss / dz, misclassified) for one example of `model` with label y."""
     def f(z):
         value, grad, pred = model.loss_and_grad(z[None], np.array([y]), loss)
         return value[0], grad[0], pred[0] != y
+    return f
 
-    checkpoints = set(ref_checkpoints(num_steps))
+
+def ref_apgd_one(f, x, start, eps, num_steps, norm, rho=0.75):
+    """APGD for one example and objective f(z) -> (value, gradient, success), following the
+    reference implementation's loop (fra31/auto-attack `attack_single_run`) in plain NumPy: a
+    loss history indexed as the reference indexes it (its first window reads the unwritten last
+    entry, 0), a halving flag that starts at 1, the oscillation test `<=` and, after a halving,
+    no change to the history."""
+    k, shrink, shortest = ref_schedule(num_steps)
     eta = 2.0 * eps
-    x_prev = x_cur = start
+    x_old = x_cur = start
     f_cur, g_cur, success = f(start)
     x_max, f_max, g_max = start, f_cur, g_cur
     out_x, out_success, out_value = start, success, f_cur
-    increases, last_check, f_max_at_last_check, reduced_last = 0, 0, f_cur, False
-    for k in range(num_steps):
-        alpha = 1.0 if k == 0 else 0.75
+    history = np.zeros(num_steps, np.float32)
+    counter, f_max_at_last_check, reduced_last = 0, f_max, True
+    for i in range(num_steps):
+        momentum_term, x_old = x_cur - x_old, x_cur
+        alpha = 1.0 if i == 0 else 0.75
         z = ref_project(x_cur + eta * ref_direction(g_cur, norm), x, eps, norm)
-        x_new = ref_project(x_cur + alpha * (z - x_cur) + (1 - alpha) * (x_cur - x_prev), x, eps, norm)
-        f_new, g_new, success = f(x_new)
-        increases += f_new > f_cur
-        if f_new > f_max:
-            x_max, f_max, g_max = x_new, f_new, g_new
-        if (success and not out_success) or (success == out_success and f_new > out_value):
-            out_x, out_success, out_value = x_new, success, f_new
-        x_prev, x_cur, f_cur, g_cur = x_cur, x_new, f_new, g_new
-        if k + 1 in checkpoints:
-            condition_1 = increases < rho * (k + 1 - last_check)
-            condition_2 = not reduced_last and f_max_at_last_check >= f_max
-            reduced_last = condition_1 or condition_2
+        x_cur = ref_project(x_cur + alpha * (z - x_cur) + (1 - alpha) * momentum_term, x, eps, norm)
+        f_cur, g_cur, success = f(x_cur)
+        history[i] = f_cur
+        if (success and not out_success) or (success == out_success and f_cur > out_value):
+            out_x, out_success, out_value = x_cur, success, f_cur
+        if f_cur > f_max:
+            x_max, f_max, g_max = x_cur, f_cur, g_cur
+        counter += 1
+        if counter == k:
+            increases = sum(history[i - c] > history[i - c - 1] for c in range(k))
+            reduced_last = increases <= k * rho or (not reduced_last and f_max_at_last_check >= f_max)
+            f_max_at_last_check = f_max
             if reduced_last:
                 eta /= 2
-                x_cur, f_cur, g_cur = x_max, f_max, g_max
-            increases, last_check, f_max_at_last_check = 0, k + 1, f_max
+                x_cur, g_cur = x_max, g_max
+            counter, k = 0, max(k - shrink, shortest)
     return out_x
 
 
@@ -244,7 +276,8 @@ MODEL = NumpyMLP(11, DIM)
 X = np.random.default_rng(2).uniform(size=(64, DIM)).astype(np.float32)
 Y = np.random.default_rng(3).integers(0, NUM_CLASSES, 64).astype(np.int32)
 PGD_STEPS, APGD_STEPS = 7, 25
-ATTACK_FNS = {"fgsm": attacks.fgsm, "pgd": attacks.pgd, "apgd": attacks.apgd}
+ATTACK_FNS = {"fgsm": attacks.fgsm, "pgd": attacks.pgd, "apgd": attacks.apgd, "apgd_t": attacks.apgd_t,
+              "fab_t": attacks.fab_t, "square": attacks.square, "autoattack": attacks.autoattack}
 
 
 def compiled(name, norm="linf", loss="ce", restarts=1, targeted=False):
@@ -292,6 +325,10 @@ CONSTRAINT_CASES = [  # (attack, norm, batch shape): several shapes, flat and im
     ("fgsm", "linf", (3, 5)), ("fgsm", "l2", (2, 4, 4, 1)),
     ("pgd", "linf", (4, 2, 3, 1)), ("pgd", "l2", (1, 9)),
     ("apgd", "linf", (5, 7)), ("apgd", "l2", (3, 3, 2, 2)),
+    ("apgd_t", "linf", (3, 6)), ("apgd_t", "l2", (2, 3, 2, 1)),
+    ("fab_t", "linf", (4, 7)), ("fab_t", "l2", (3, 2, 2, 2)),
+    ("square", "linf", (3, 16)), ("square", "l2", (2, 6, 5, 2)),
+    ("autoattack", "linf", (3, 4, 4, 1)),
 ]
 
 
@@ -304,7 +341,11 @@ def test_output_in_eps_ball_and_box(name, norm, shape):
     logits_fn = random_logits_fn(shape[0], math.prod(shape[1:]))
     settings = {"fgsm": lambda eps: dict(random_start=True, step_size=1.25 * eps),
                 "pgd": lambda eps: dict(step_size=eps / 3, num_steps=4),
-                "apgd": lambda eps: dict(num_steps=6)}[name]
+                "apgd": lambda eps: dict(num_steps=6),
+                "apgd_t": lambda eps: dict(num_steps=6, n_target_classes=2),
+                "fab_t": lambda eps: dict(num_steps=6, n_target_classes=2),
+                "square": lambda eps: dict(num_queries=30),
+                "autoattack": lambda eps: dict(num_steps=4, n_target_classes=2, num_queries=20)}[name]
     attack = jax.jit(lambda key, eps: ATTACK_FNS[name](logits_fn, x, y, key, eps=eps, norm=norm,
                                                        **settings(eps)))
     for eps in [0.0, 0.03, 0.3, 2.0]:
@@ -392,14 +433,52 @@ def test_apgd_matches_reference(norm, loss, eps):
     key = fast_key(10)
     y = predicted(X)  # Correct clean labels, so the attack has work to do on every example.
     x_adv = compiled("apgd", norm, loss)(X, y, key, eps, None)
-    start = ref_random_start(key, X, eps, norm)
-    expected = np.stack([ref_apgd_one(MODEL, X[i], y[i], start[i], eps, APGD_STEPS, norm, loss)
-                         for i in range(len(X))])
+    start = ref_boundary_start(key, X, eps, norm)
+    expected = np.stack([ref_apgd_one(model_objective(MODEL, y[i], loss), X[i], start[i], eps,
+                                      APGD_STEPS, norm) for i in range(len(X))])
     assert_equivalent_results(x_adv, expected, y, loss)
 
 
-def test_apgd_checkpoints_follow_the_paper():
-    for num_steps in range(1, 201):
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_step_size_rule_follows_the_reference_loop_exactly(norm):
+    # White-box: one APGD run on piecewise-linear objectives offset − ‖z − c‖₁ (exact gradients,
+    # values of both signs), where the iterates oscillate around c, so halvings, resets and both
+    # conditions fire often. Every example must follow the reference loop to the same point.
+    rng = np.random.default_rng(0)
+    n, dim, eps, steps = 256, 3, 0.1 if norm == "linf" else 0.15, 20
+    x = rng.uniform(0.2, 0.8, (n, dim)).astype(np.float32)
+    center = (x + rng.uniform(-0.12, 0.12, (n, dim))).astype(np.float32)
+    offset = rng.uniform(-0.15, 0.3, n).astype(np.float32)
+
+    def objective(z):
+        return offset - jnp.sum(jnp.abs(z - center), axis=1), jnp.zeros(n, bool)
+
+    def ref_objective(i):
+        return lambda z: (offset[i] - np.abs(z - center[i]).sum(), -np.sign(z - center[i]), False)
+
+    key = fast_key(0)
+    start = ref_boundary_start(key, x, eps, norm).astype(np.float32)
+    actual = jax.jit(lambda k: attacks._apgd_run(
+        objective, jnp.asarray(x), k, eps, num_steps=steps, norm=norm, rho=0.75, clip_min=0.0,
+        clip_max=1.0)[0])(key)
+    expected = np.stack([ref_apgd_one(ref_objective(i), x[i], start[i], eps, steps, norm)
+                         for i in range(n)])
+    same = np.all(np.isclose(actual, expected, atol=1e-6), axis=1)
+    # L∞ steps are exact; XLA sums L2 norms in another order than NumPy, which can flip a near-tie.
+    assert same.mean() >= (1.0 if norm == "linf" else 0.98), np.flatnonzero(~same)
+
+
+def test_apgd_checkpoints_follow_the_reference():
+    # The reference's intervals: k_1 = max(int(0.22 N), 1), then k_{j+1} = max(k_j - s, m) with
+    # s = max(int(0.03 N), 1) and m = max(int(0.06 N), 1); a checkpoint ends every interval.
+    # N = 10: k_1 = 2, s = 1, m = 1 -> intervals 2, 1, 1, ... -> 2, 3, ..., 10.
+    assert attacks.apgd_checkpoints(10) == list(range(2, 11))
+    # N = 20: k_1 = 4, s = 1, m = 1 -> intervals 4, 3, 2, 1, 1, ... -> 4, 7, 9, 10, 11, ..., 20.
+    assert attacks.apgd_checkpoints(20) == [4, 7, 9] + list(range(10, 21))
+    # N = 100: k_1 = 22, s = 3, m = 6 -> intervals 22, 19, 16, 13, 10, 7, 6, 6 (the next, 105, is
+    # past the end).
+    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    for num_steps in range(1, 301):
         assert attacks.apgd_checkpoints(num_steps) == ref_checkpoints(num_steps), num_steps
 
 
@@ -509,6 +588,22 @@ BAD_CALLS = [
     (lambda f, x, y, k: attacks.make_attack("fgsm", eps=0.1, targeted=True, label_source="predicted"),
      "label_source='predicted'"),
     (lambda f, x, y, k: attacks.make_attack("apgd", eps=0.1, num_steps=5, step_size=0.1), "step_size"),
+    (lambda f, x, y, k: attacks.apgd_t(f, x, y, k, eps=0.1, n_target_classes=0), "n_target_classes=0"),
+    (lambda f, x, y, k: attacks.apgd_t(f, x, y, None, eps=0.1), "key=None"),
+    (lambda f, x, y, k: attacks.make_attack("apgd_t", eps=0.1, loss="ce"), "loss"),
+    (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, eta=0.5), "eta=0.5"),
+    (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, beta=0.0), "beta=0.0"),
+    (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, alpha_max=2), "alpha_max=2"),
+    (lambda f, x, y, k: attacks.fab_t(f, x, y, eps=0.1, norm="l1"), "norm='l1'"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, num_queries=0), "num_queries=0"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, p_init=1.5), "p_init=1.5"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, image_shape=(4, 4)), "image_shape=(4, 4)"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, rescale_schedule=1), "rescale_schedule=1"),
+    (lambda f, x, y, k: attacks.square(f, x, y, k, eps=0.1, image_shape=(3, 1, 1)), "image_shape=(3, 1, 1)"),
+    (lambda f, x, y, k: attacks.square(f, x, y, k, eps=0.1, norm="l2"), "L2 Square"),
+    (lambda f, x, y, k: attacks.make_attack("square", eps=0.1)(f, x, y, k, step_size=0.1), "step_size=0.1"),
+    (lambda f, x, y, k: attacks.make_attack("autoattack", eps=0.1, num_queries=-5), "num_queries=-5"),
+    (lambda f, x, y, k: attacks.autoattack(f, x, y, k, eps=-0.1), "eps=-0.1"),
 ]
 
 
@@ -518,6 +613,17 @@ def test_bad_settings_raise_value_error_before_tracing(call, message):
     y = np.zeros(2, np.int32)
     with pytest.raises(ValueError, match=re.escape(message)):
         call(_never_called, x, y, jax.random.key(0))
+
+
+def test_target_counts_are_checked_against_the_model():
+    x, y = np.zeros((2, 4), np.float32), np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match=re.escape("n_target_classes=4 is invalid for a model with 4 classes")):
+        attacks.apgd_t(random_logits_fn(0, 4), x, y, jax.random.key(0), eps=0.1, n_target_classes=4)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        attacks.apgd_t(random_logits_fn(0, 4, num_classes=3), x, y, jax.random.key(0), eps=0.1,
+                       n_target_classes=2)
+    with pytest.raises(ValueError, match=re.escape("allowed values: 1 to 2")):
+        attacks.fab_t(random_logits_fn(0, 4, num_classes=3), x, y, eps=0.1, n_target_classes=3)
 
 
 def test_dlr_needs_three_classes():

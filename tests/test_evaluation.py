@@ -1,5 +1,6 @@
-"""Tests for sparse_robust.evaluation: accounting against direct computations, padded partial
-batches, vmapped ε sweeps, and sanity checks that pass on a real model and flag a broken attack."""
+"""Tests for sparse_robust.evaluation: the one evaluator against direct computations, padded
+partial batches, keys derived from attack names, vmapped ε sweeps, and sanity checks that pass on
+a real model and flag a broken attack."""
 
 import logging
 
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sparse_robust import attacks, evaluation
+from sparse_robust import attacks, evaluation, keys
 from test_attacks import fast_key, make_data, train_mlp
 
 EPS = 0.05
@@ -16,11 +17,16 @@ NUM_TEST = 300
 
 @pytest.fixture(scope="module")
 def trained():
-    """(apply_fn, variables, images, labels) of a naturally trained tiny MLP."""
+    """(model_fn, variables, images, labels) of a naturally trained tiny MLP."""
     x, y = make_data(0, 512)
-    model, params = train_mlp(x, y, jax.random.key(0))
+    model, variables = train_mlp(x, y, jax.random.key(0))
     images, labels = make_data(1, NUM_TEST)
-    return model.apply, params, images, labels
+    model_fn = lambda params, state, z, train: (model.apply(params, z), state)
+    return model_fn, variables, images, labels
+
+
+def evaluator(trained, batch_size=NUM_TEST):
+    return evaluation.Evaluator(trained[0], batch_size=batch_size)
 
 
 # Deterministic attacks (no random start): results cannot depend on how the data are batched.
@@ -30,89 +36,114 @@ DETERMINISTIC = {
 }
 
 
-def correct_under(apply_fn, variables, images, labels, x_adv):
-    return np.argmax(np.asarray(apply_fn(variables, x_adv)), -1) == labels
+def correct_under(trained, x_adv):
+    model_fn, variables, _, labels = trained
+    return np.argmax(np.asarray(model_fn(variables, {}, x_adv, False)[0]), -1) == labels
 
 
 def test_accuracies_match_direct_computation_and_worst_case_is_per_example(trained):
-    apply_fn, variables, images, labels = trained
-    results = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
-                                             fast_key(0), batch_size=100, progress=False)
-    assert set(results) == {"clean", "fgsm", "pgd", "worst_case"}
-    logits_fn = lambda z: apply_fn(variables, z)
-    clean = correct_under(apply_fn, variables, images, labels, images)
-    fgsm = correct_under(apply_fn, variables, images, labels, attacks.fgsm(logits_fn, images, labels, eps=EPS))
-    pgd = correct_under(apply_fn, variables, images, labels, attacks.pgd(
-        logits_fn, images, labels, None, eps=EPS, step_size=EPS / 4, num_steps=8, random_start=False))
-    assert results["clean"] == pytest.approx(clean.mean())
-    assert results["fgsm"] == pytest.approx(fgsm.mean())
-    assert results["pgd"] == pytest.approx(pgd.mean())
-    assert results["worst_case"] == pytest.approx((clean & fgsm & pgd).mean())
-    assert results["worst_case"] <= min(results.values())
-    assert all(0.0 <= v <= 1.0 and isinstance(v, float) for v in results.values())
-    assert results["pgd"] < results["clean"] - 0.1  # The attacks do something.
+    model_fn, variables, images, labels = trained
+    results = evaluator(trained, 100).evaluate(variables, {}, images, labels, DETERMINISTIC,
+                                               fast_key(0))
+    assert set(results) == {"accuracy", "loss", "fgsm_accuracy", "fgsm_loss", "pgd_accuracy",
+                            "pgd_loss", "worst_case_accuracy"}
+    logits_fn = lambda z: model_fn(variables, {}, z, False)[0]
+    clean = correct_under(trained, images)
+    fgsm = correct_under(trained, attacks.fgsm(logits_fn, images, labels, eps=EPS))
+    pgd = correct_under(trained, attacks.pgd(logits_fn, images, labels, None, eps=EPS,
+                                             step_size=EPS / 4, num_steps=8, random_start=False))
+    assert results["accuracy"] == pytest.approx(clean.mean())
+    assert results["fgsm_accuracy"] == pytest.approx(fgsm.mean())
+    assert results["pgd_accuracy"] == pytest.approx(pgd.mean())
+    assert results["worst_case_accuracy"] == pytest.approx((clean & fgsm & pgd).mean())
+    assert results["pgd_accuracy"] < results["accuracy"] - 0.1  # The attacks do something.
+    assert results["pgd_loss"] > results["loss"]
 
 
 def test_partial_last_batch_is_padded_masked_and_compiled_once(trained):
-    apply_fn, variables, images, labels = trained
-    divides = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
-                                             fast_key(0), batch_size=100, progress=False)
-    compiled_before = evaluation._batch_correct._cache_size()
-    partial = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
-                                             fast_key(0), batch_size=128, progress=False)
-    assert evaluation._batch_correct._cache_size() == compiled_before + 1  # 128, 128, 44 (+84 pad).
-    assert partial == divides
+    _, variables, images, labels = trained
+    divides = evaluator(trained, 100).evaluate(variables, {}, images, labels, DETERMINISTIC,
+                                               fast_key(0))
+    by_128 = evaluator(trained, 128)
+    partial = by_128.evaluate(variables, {}, images, labels, DETERMINISTIC, fast_key(0))
+    assert by_128.program(DETERMINISTIC["pgd"])._cache_size() == 1  # 128, 128, 44 (+84 pad)
+    assert partial == pytest.approx(divides, rel=1e-6)
     # A batch larger than the data set shrinks to it instead of padding.
-    whole = evaluation.evaluate_robustness(apply_fn, variables, images[:50], labels[:50],
-                                           DETERMINISTIC, fast_key(0), progress=False)
-    first = evaluation.evaluate_robustness(apply_fn, variables, images[:50], labels[:50],
-                                           DETERMINISTIC, fast_key(0), batch_size=128, progress=False)
-    assert whole == first
+    whole = evaluator(trained, 50).evaluate(variables, {}, images[:50], labels[:50],
+                                            DETERMINISTIC, fast_key(0))
+    first = by_128.evaluate(variables, {}, images[:50], labels[:50], DETERMINISTIC, fast_key(0))
+    assert whole == pytest.approx(first, rel=1e-6)
+
+
+def test_attack_keys_come_from_names_not_positions(trained):
+    """An attack's numbers depend on its label: reordering the attacks changes nothing, and batch
+    b of the attack labelled n uses fold_in(derive(key, n), b)."""
+    model_fn, variables, images, labels = trained
+    random_pgd = attacks.make_attack("pgd", eps=EPS, step_size=EPS / 4, num_steps=3)
+    ev = evaluator(trained, 100)
+    one = ev.per_example(variables, {}, images, labels, {"a": random_pgd, "b": DETERMINISTIC["fgsm"]},
+                         fast_key(5))
+    other = ev.per_example(variables, {}, images, labels,
+                           {"b": DETERMINISTIC["fgsm"], "a": random_pgd}, fast_key(5))
+    np.testing.assert_array_equal(one["a"].correct, other["a"].correct)
+    logits_fn = lambda z: model_fn(variables, {}, z, False)[0]
+    x_adv = np.concatenate([random_pgd(logits_fn, images[i:i + 100], labels[i:i + 100],
+                                       jax.random.fold_in(keys.derive(fast_key(5), "a"), b))
+                            for b, i in enumerate(range(0, NUM_TEST, 100))])
+    np.testing.assert_array_equal(one["a"].correct, correct_under(trained, x_adv))
+    renamed = ev.per_example(variables, {}, images, labels, {"c": random_pgd}, fast_key(5))
+    assert not np.array_equal(renamed["c"].correct, one["a"].correct)  # another name, other keys
+
+
+def test_adversarial_examples_are_the_attacks(trained):
+    model_fn, variables, images, labels = trained
+    x_adv = evaluator(trained, 128).adversarial_examples(variables, {}, images, labels,
+                                                         DETERMINISTIC["fgsm"], fast_key(0))
+    logits_fn = lambda z: model_fn(variables, {}, z, False)[0]
+    np.testing.assert_allclose(x_adv, attacks.fgsm(logits_fn, images, labels, eps=EPS), atol=1e-6)
 
 
 def test_progress_bar_only_when_asked(trained, capsys):
-    apply_fn, variables, images, labels = trained
-    evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC, fast_key(0),
-                                   batch_size=100, progress=False)
-    assert "robust evaluation" not in capsys.readouterr().err
-    evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC, fast_key(0),
-                                   batch_size=100, progress=True)
-    assert "robust evaluation" in capsys.readouterr().err
+    _, variables, images, labels = trained
+    ev = evaluator(trained, 100)
+    ev.evaluate(variables, {}, images, labels, DETERMINISTIC, fast_key(0))
+    assert "pgd" not in capsys.readouterr().err
+    ev.evaluate(variables, {}, images, labels, DETERMINISTIC, fast_key(0), progress=True)
+    assert "pgd" in capsys.readouterr().err
 
 
 def test_epsilon_sweep_matches_per_eps_attacks(trained):
-    apply_fn, variables, images, labels = trained
+    model_fn, variables, images, labels = trained
     attack = attacks.make_attack("pgd", eps=0.1, step_size=0.025, num_steps=5)
     eps_grid = np.array([0.0, 0.02, 0.05, 0.1, 1.0], np.float32)
     key = fast_key(3)
-    sweep = evaluation.epsilon_sweep(apply_fn, variables, images, labels, attack, eps_grid, key,
-                                     batch_size=NUM_TEST)
+    sweep = evaluator(trained).sweep(variables, {}, images, labels, attack, eps_grid, key)
     # Reference: one batch, so its key is fold_in(key, 0); step = (0.025 / 0.1) · ε by default.
-    logits_fn = lambda z: apply_fn(variables, z)
+    logits_fn = lambda z: model_fn(variables, {}, z, False)[0]
     run = jax.jit(lambda e: attack(logits_fn, images, labels, jax.random.fold_in(key, 0), eps=e,
                                    step_size=0.25 * e))
-    expected = [correct_under(apply_fn, variables, images, labels, run(e)).mean() for e in eps_grid]
+    expected = [correct_under(trained, run(e)).mean() for e in eps_grid]
     np.testing.assert_allclose(sweep, expected, atol=1.0 / NUM_TEST)
-    assert sweep[0] == pytest.approx(correct_under(apply_fn, variables, images, labels, images).mean())
+    assert sweep[0] == pytest.approx(correct_under(trained, images).mean())
     assert sweep[-1] < 0.05
 
 
 def test_epsilon_sweep_partial_batches_and_explicit_ratio(trained):
-    apply_fn, variables, images, labels = trained
+    _, variables, images, labels = trained
     eps_grid = [0.0, 0.03, 0.06]
     pgd = DETERMINISTIC["pgd"]
-    full = evaluation.epsilon_sweep(apply_fn, variables, images, labels, pgd, eps_grid, fast_key(0),
-                                    batch_size=NUM_TEST, step_size_ratio=0.5)
-    partial = evaluation.epsilon_sweep(apply_fn, variables, images, labels, pgd, eps_grid, fast_key(0),
-                                       batch_size=128, step_size_ratio=0.5)
+    full = evaluator(trained).sweep(variables, {}, images, labels, pgd, eps_grid, fast_key(0),
+                                    step_size_ratio=0.5)
+    partial = evaluator(trained, 128).sweep(variables, {}, images, labels, pgd, eps_grid,
+                                            fast_key(0), step_size_ratio=0.5)
     np.testing.assert_array_equal(full, partial)
     assert np.all(np.diff(full) <= 0)
 
 
 def test_sanity_checks_pass_on_a_trained_model(trained):
-    apply_fn, variables, images, labels = trained
-    checks = evaluation.run_sanity_checks(apply_fn, variables, images, labels, fast_key(1), eps=EPS,
-                                          num_steps=10, sweep_points=3, batch_size=NUM_TEST)
+    _, variables, images, labels = trained
+    checks = evaluation.run_sanity_checks(evaluator(trained), variables, {}, images, labels,
+                                          fast_key(1), eps=EPS, num_steps=10, sweep_points=3)
     assert [c.name for c in checks] == ["monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
                                         "apgd_not_weaker_than_pgd", "large_eps_reaches_chance",
                                         "ce_and_dlr_agree"]
@@ -124,35 +155,36 @@ def test_sanity_checks_flag_saturated_logits_that_hide_from_cross_entropy(traine
     """Scaling the logits by 1e4 changes no prediction, but rounds the softmax to one-hot in float32
     so cross-entropy gradients vanish (gradient masking); the scale-invariant DLR loss still finds
     the same adversarial examples, so only the loss-agreement check can catch it."""
-    apply_fn, variables, images, labels = trained
-    saturated = lambda v, z: 1e4 * apply_fn(v, z)
-    run = lambda fn: evaluation.run_sanity_checks(fn, variables, images, labels, fast_key(1), eps=EPS,
-                                                  num_steps=10, sweep_points=3, batch_size=NUM_TEST)
-    honest = {c.name: c for c in run(apply_fn)}
-    with caplog.at_level(logging.WARNING):
+    model_fn, variables, images, labels = trained
+    saturated = lambda p, s, z, train: (1e4 * model_fn(p, s, z, train)[0], s)
+    run = lambda fn: evaluation.run_sanity_checks(
+        evaluation.Evaluator(fn, batch_size=NUM_TEST), variables, {}, images, labels, fast_key(1),
+        eps=EPS, num_steps=10, sweep_points=3)
+    honest = {c.name: c for c in run(model_fn)}
+    with caplog.at_level(logging.INFO):
         masked = {c.name: c for c in run(saturated)}
     assert honest["ce_and_dlr_agree"].passed
     assert not masked["ce_and_dlr_agree"].passed
     assert "overestimate" in masked["ce_and_dlr_agree"].detail
     assert any("ce_and_dlr_agree" in r.getMessage() for r in caplog.records)
     # DLR is scale-invariant: the same key gives the same accuracy as on the honest model.
-    accuracy = lambda check: float(check.detail.split("apgd_dlr ")[1].split(";")[0])
+    accuracy = lambda check: float(check.detail.split("apgd_dlr ")[1].split(" %")[0]) / 100
     assert accuracy(masked["ce_and_dlr_agree"]) == pytest.approx(accuracy(honest["ce_and_dlr_agree"]),
                                                                 abs=2 / NUM_TEST)
 
 
 def test_sanity_checks_flag_an_identity_attack_posing_as_pgd(trained, caplog):
-    apply_fn, variables, images, labels = trained
+    _, variables, images, labels = trained
     identity = attacks.make_attack("pgd", eps=EPS, step_size=0.0, num_steps=1, random_start=False)
     eps_grid = np.array([0.0, EPS / 2, EPS, 1.0])
-    sweep = evaluation.epsilon_sweep(apply_fn, variables, images, labels, identity, eps_grid,
-                                     fast_key(0), batch_size=NUM_TEST)
-    real = evaluation.evaluate_robustness(apply_fn, variables, images, labels, DETERMINISTIC,
-                                          fast_key(0), batch_size=100, progress=False)
-    with caplog.at_level(logging.WARNING):
+    sweep = evaluator(trained).sweep(variables, {}, images, labels, identity, eps_grid, fast_key(0))
+    real = evaluator(trained, 100).evaluate(variables, {}, images, labels, DETERMINISTIC,
+                                            fast_key(0))
+    with caplog.at_level(logging.INFO):
         checks = evaluation.sanity_checks(
-            clean_accuracy=real["clean"],
-            attack_accuracies={"fgsm": real["fgsm"], "pgd": sweep[2], "apgd": real["pgd"]},
+            clean_accuracy=real["accuracy"],
+            attack_accuracies={"fgsm": real["fgsm_accuracy"], "pgd": sweep[2],
+                               "apgd": real["pgd_accuracy"]},
             eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=NUM_TEST, num_classes=4)
     failed = {c.name for c in checks if not c.passed}
     assert failed == {"pgd_not_weaker_than_fgsm", "large_eps_reaches_chance"}
@@ -191,42 +223,42 @@ def test_apgd_checks_use_the_stronger_loss_and_flag_a_loss_gap(dlr, apgd_passes,
     by_name = {c.name: c for c in checks}
     assert by_name["apgd_not_weaker_than_pgd"].passed == apgd_passes
     assert by_name["ce_and_dlr_agree"].passed == agree_passes
-    assert f"apgd_dlr {dlr:.4f}" in by_name["apgd_not_weaker_than_pgd"].detail
+    assert f"apgd_dlr {100 * dlr:.2f} %" in by_name["apgd_not_weaker_than_pgd"].detail
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(batch_size=0), "batch_size=0"),
-    (dict(attacks={}), "attacks is empty"),
     (dict(attacks={"clean": DETERMINISTIC["fgsm"]}), "attacks['clean']"),
-    (dict(attacks={"fgsm": attacks.fgsm}), "attacks['fgsm']"),
+    (dict(attacks={"fgsm": "fgsm"}), "attacks['fgsm']"),
+    (dict(attacks=DETERMINISTIC, key=None), "key=None"),
     (dict(labels=np.zeros(3, np.int32)), "labels"),
     (dict(labels=np.zeros(NUM_TEST, np.float32)), "integers"),
 ])
-def test_evaluate_robustness_rejects_bad_input(trained, kwargs, message):
-    apply_fn, variables, images, labels = trained
+def test_evaluate_rejects_bad_input(trained, kwargs, message):
+    _, variables, images, labels = trained
 
-    def never_called(variables, x):
-        raise AssertionError("apply_fn must not run on invalid input")
+    def never_called(*args):
+        raise AssertionError("model_fn must not run on invalid input")
 
-    arguments = dict(images=images, labels=labels, attacks=DETERMINISTIC, batch_size=100)
+    arguments = dict(images=images, labels=labels, attacks=DETERMINISTIC, key=fast_key(0))
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        evaluation.evaluate_robustness(never_called, variables, key=fast_key(0), progress=False,
-                                       **arguments)
+        evaluation.Evaluator(never_called).evaluate(variables, {}, **arguments)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        evaluation.Evaluator(never_called, batch_size=0)
 
 
 def test_sweep_and_sanity_inputs_are_validated(trained):
-    apply_fn, variables, images, labels = trained
+    _, variables, images, labels = trained
     apgd = attacks.make_attack("apgd", eps=0.1, num_steps=3)
+    ev = evaluator(trained)
     with pytest.raises(ValueError, match="eps_grid"):
-        evaluation.epsilon_sweep(apply_fn, variables, images, labels, apgd, [0.1, -0.1], fast_key(0))
+        ev.sweep(variables, {}, images, labels, apgd, [0.1, -0.1], fast_key(0))
     with pytest.raises(ValueError, match="step_size_ratio"):
-        evaluation.epsilon_sweep(apply_fn, variables, images, labels, apgd, [0.1], fast_key(0),
-                                 step_size_ratio=0.25)
+        ev.sweep(variables, {}, images, labels, apgd, [0.1], fast_key(0), step_size_ratio=0.25)
     with pytest.raises(ValueError, match="eps_grid"):
         evaluation.sanity_checks(clean_accuracy=1.0, attack_accuracies={"fgsm": 1, "pgd": 1, "apgd": 1},
                                  eps_grid=[0.1, 0.2], sweep_accuracies=[1.0, 1.0], num_examples=10,
                                  num_classes=2)
     with pytest.raises(ValueError, match="attacks lacks"):
-        evaluation.run_sanity_checks(apply_fn, variables, images, labels, fast_key(0), eps=0.1,
+        evaluation.run_sanity_checks(ev, variables, {}, images, labels, fast_key(0), eps=0.1,
                                      attacks={"pgd": apgd})

@@ -11,8 +11,9 @@ from sparse_robust import hydra, masks, training
 from sparse_robust.attacks import make_attack
 from sparse_robust.objectives import Objective
 
-# Layer sizes n with density·n far from a half-integer, so k = round(density·n) is unambiguous.
-DENSITY = 0.3
+# Layer sizes n with f·n far from a half-integer (f = WEIGHTS_REMAINING), so k = round(f·n) is
+# unambiguous.
+WEIGHTS_REMAINING = 0.3
 
 
 def tiny_params(seed):
@@ -61,19 +62,19 @@ def test_init_scores_is_the_papers_scaled_magnitude():
 
 def test_topk_mask_keeps_exactly_k_highest_scores_per_layer():
     scores = hydra.init_scores(tiny_params(1))
-    mask = jax.jit(hydra.topk_mask, static_argnums=1)(scores, DENSITY)
+    mask = jax.jit(hydra.topk_mask, static_argnums=1)(scores, WEIGHTS_REMAINING)
     assert mask["output"]["bias"] is None
     for layer in ("dense_0", "dense_1", "output"):
         s = np.asarray(scores[layer]["kernel"]).ravel()
         m = np.asarray(mask[layer]["kernel"]).ravel()
-        assert m.sum() == round(DENSITY * s.size), layer
+        assert m.sum() == round(WEIGHTS_REMAINING * s.size), layer
         assert s[m].min() > s[~m].max(), layer
 
 
 def test_straight_through_gradient_reaches_every_score():
     params, (x, y) = tiny_params(2), data(3)
     scores = jax.tree_util.tree_map(lambda s: s + 0.01, hydra.init_scores(params))
-    score_fn = hydra.make_score_model_fn(model_fn, DENSITY)
+    score_fn = hydra.make_score_model_fn(model_fn, WEIGHTS_REMAINING)
     state = {"weights": params, "model_state": {}}
 
     def loss_of_scores(s):
@@ -87,14 +88,14 @@ def test_straight_through_gradient_reaches_every_score():
     ref_masks = {}
     for layer in ("dense_0", "dense_1", "output"):
         s = np.asarray(scores[layer]["kernel"])
-        k = round(DENSITY * s.size)
+        k = round(WEIGHTS_REMAINING * s.size)
         keep = np.zeros(s.size, bool)
         keep[np.argsort(s.ravel(), kind="stable")[-k:]] = True
         ref_masks[layer] = keep.reshape(s.shape)
         effective[layer]["kernel"] = params[layer]["kernel"] * ref_masks[layer]
     np.testing.assert_allclose(model_fn(effective, {}, x, False)[0],
                                numpy_forward(effective, x), rtol=1e-5, atol=1e-5)
-    forward = jax.jit(hydra.masked_weights, static_argnums=2)(params, scores, DENSITY)
+    forward = jax.jit(hydra.masked_weights, static_argnums=2)(params, scores, WEIGHTS_REMAINING)
     np.testing.assert_array_equal(forward["dense_1"]["kernel"],  # exactly w ⊙ m
                                   effective["dense_1"]["kernel"])
     grad_effective = jax.jit(jax.grad(lambda p: loss_fn(model_fn(p, {}, x, True)[0], y)))(effective)
@@ -108,24 +109,24 @@ def test_straight_through_gradient_reaches_every_score():
 
 def test_score_training_moves_scores_and_freezes_weights():
     params, (x, y) = tiny_params(4), data(5, n=32)
-    score_fn = hydra.make_score_model_fn(model_fn, DENSITY)
+    score_fn = hydra.make_score_model_fn(model_fn, WEIGHTS_REMAINING)
     tx = optax.adam(1e-2)
     loop = training.make_train_loop(score_fn, tx, Objective("madry", make_attack("fgsm", eps=0.05)))
     scores = hydra.init_scores(params)
     state = hydra.create_score_state(params, {}, scores, tx, jax.random.PRNGKey(0))
     indices = jnp.asarray(np.random.default_rng(6).integers(0, 32, size=(10, 8)), jnp.int32)
     state, metrics = loop(state, x, y, indices)
-    assert np.isfinite(float(metrics["loss"]))
+    assert metrics["loss"].shape == (10,) and np.all(np.isfinite(metrics["loss"]))
     for layer in params:
         for leaf in params[layer]:  # weights bit-identical
             np.testing.assert_array_equal(state.model_state["weights"][layer][leaf],
                                           params[layer][leaf])
         assert not np.allclose(state.params[layer]["kernel"], scores[layer]["kernel"])
-    final = hydra.topk_mask(state.params, DENSITY)
-    assert masks.count(final) == masks.count(hydra.topk_mask(scores, DENSITY))
+    final = hydra.topk_mask(state.params, WEIGHTS_REMAINING)
+    assert masks.count(final) == masks.count(hydra.topk_mask(scores, WEIGHTS_REMAINING))
 
 
-@pytest.mark.parametrize("density", [0.0, 1.5, True, "0.5"])
-def test_bad_density_is_a_clear_error(density):
-    with pytest.raises(ValueError, match=r"density=.*allowed values"):
-        hydra.topk_mask(hydra.init_scores(tiny_params(0)), density)
+@pytest.mark.parametrize("weights_remaining", [0.0, 1.5, True, "0.5"])
+def test_bad_weights_remaining_is_a_clear_error(weights_remaining):
+    with pytest.raises(ValueError, match=r"weights_remaining=.*allowed values"):
+        hydra.topk_mask(hydra.init_scores(tiny_params(0)), weights_remaining)

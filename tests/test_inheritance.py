@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_robust import inheritance, masks, pruning
+from sparse_robust import inheritance, masks, optim, pruning
 from sparse_robust.models import get_model
 
 
@@ -122,7 +122,7 @@ def test_trainable_mask_and_frozen_entries_keep_their_values():
     tx = optax.sgd(0.1)
     state = inheritance.create_train_state(params, {}, tx, new, jax.random.PRNGKey(0))
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
-    updates, _ = pruning.keep_pruned_at_zero(tx).update(grads, state.opt_state, state.params)
+    updates, _ = optim.keep_pruned_at_zero(tx).update(grads, state.opt_state, state.params)
     stepped = optax.apply_updates(state.params, updates)
     for layer in params:
         for leaf in params[layer]:

@@ -86,13 +86,15 @@ def test_mixed_loss_is_weighted_clean_plus_adversarial(problem, make_fgsm, weigh
     assert float(metrics["adv_accuracy"]) == pytest.approx(adv_correct.mean())
 
 
-def test_madry_loss_is_adversarial_cross_entropy(problem, make_fgsm):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_madry_loss_is_adversarial_cross_entropy(problem, make_fgsm, smoothing):
     params, x, y, key = problem
     attack = make_fgsm(0.1, random_start=True)
-    loss, _ = Objective("madry", attack)(linear_model_fn, params, {}, x, y, key)
+    loss, _ = Objective("madry", attack, label_smoothing=smoothing)(
+        linear_model_fn, params, {}, x, y, key)
     x_adv = adversarial_example(attack, params, x, y, key)
-    assert float(loss) == pytest.approx(numpy_ce(numpy_logits(params, x_adv), np.asarray(y)),
-                                        rel=1e-5)
+    assert float(loss) == pytest.approx(
+        numpy_ce(numpy_logits(params, x_adv), np.asarray(y), smoothing), rel=1e-5)
 
 
 def test_trades_loss_is_clean_ce_plus_beta_kl(problem, make_fgsm):

@@ -13,15 +13,16 @@ import textwrap
 import ml_collections
 import pytest
 
-from sparse_robust import config as config_lib
-from sparse_robust import experiment as experiment_lib
+from sparse_robust.runs import context
+from sparse_robust.runs.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np, optax
-    from sparse_robust import attacks, data, masks, models, objectives, parallel, training
+    from sparse_robust import attacks, data, evaluation, masks, models, objectives, parallel
+    from sparse_robust import training
 
     ds = data.make_synthetic(0, num_train=256, image_shape=(8, 8, 1), flatten=True)
     model = models.get_model("lenet-300-100")
@@ -43,22 +44,42 @@ SCRIPT = textwrap.dedent("""
                         parallel.put(ds.train_labels, rep),
                         parallel.put(indices, parallel.batch_sharded(mesh, 1)))
         replicated = all(x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(state))
-        eval_fn = training.make_eval_fn(model_fn, None, mesh)
-        clean = training.evaluate(eval_fn, state.params, state.model_state, ds.test_images,
-                                  ds.test_labels, jax.random.PRNGKey(3), 40)
+        clean = evaluation.Evaluator(model_fn, batch_size=40, mesh=mesh).evaluate(
+            state.params, state.model_state, ds.test_images, ds.test_labels)
         out[name] = {"params": {k: np.asarray(v).tolist() for k, v in
                              masks.mask_leaves(state.params).items()},
                   "num_devices": len(state.params["output"]["kernel"].sharding.device_set),
                   "state_replicated": replicated, "accuracy": clean["accuracy"]}
         if name == "1":
             reference = jax.device_get((state.params, state.model_state))
-    # The same weights evaluated clean and under PGD on 1 and on 8 devices.
+    # The same weights evaluated clean and under PGD on 1 and on 8 devices: each batch of 40 is
+    # split across the devices (5 rows each), the per-example results gathered.
     for n in (1, 8):
         mesh = parallel.make_mesh(jax.devices()[:n])
-        eval_fn = training.make_eval_fn(model_fn, attack, mesh)
-        params, model_state = parallel.put(reference, parallel.replicated(mesh))
-        out[f"eval_{n}"] = training.evaluate(eval_fn, params, model_state, ds.test_images,
-                                             ds.test_labels, jax.random.PRNGKey(3), 40)
+        evaluator = evaluation.Evaluator(model_fn, batch_size=40, mesh=mesh)
+        params, model_state = reference
+        out[f"eval_{n}"] = evaluator.evaluate(params, model_state, ds.test_images,
+                                              ds.test_labels, {"pgd": attack},
+                                              jax.random.PRNGKey(3))
+        x, y = parallel.put((ds.test_images[:40], ds.test_labels[:40]),
+                            parallel.batch_sharded(mesh))
+        compiled = evaluator.program(attack).lower(
+            *parallel.put(reference, parallel.replicated(mesh)), x, y,
+            jax.random.PRNGKey(3)).compile()
+        x_sharding = compiled.input_shardings[0][2]
+        out[f"eval_{n}_layout"] = {
+            "x_spec": [str(a) for a in x_sharding.spec], "x_devices": len(x_sharding.device_set),
+            "x_shard_rows": [s.data.shape[0] for s in x.addressable_shards]}
+    # A batch that does not divide across the 8 devices is refused before anything is built.
+    from experiments.configs import base
+    from sparse_robust.runs import context, errors
+    config = base.get_config()
+    config.train.batch_size = 60
+    config.eval.update(num_examples=0, sanity_examples=0, batch_size=40)
+    try:
+        context.from_config(config, ds)
+    except errors.ConfigError as err:
+        out["indivisible"] = str(err)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -90,20 +111,26 @@ def test_eight_devices_train_like_one(eight_device_run):
     assert run["1"]["accuracy"] > 0.3
 
 
-def test_eight_devices_evaluate_identically(eight_device_run):
+def test_eight_devices_evaluate_identically_split_across_them(eight_device_run):
     one, eight = eight_device_run["eval_1"], eight_device_run["eval_8"]
-    assert set(one) == {"loss", "accuracy", "adv_loss", "adv_accuracy"}
-    assert eight["accuracy"] == one["accuracy"] and eight["adv_accuracy"] == one["adv_accuracy"]
+    assert set(one) == {"loss", "accuracy", "pgd_loss", "pgd_accuracy", "worst_case_accuracy"}
+    assert eight["accuracy"] == one["accuracy"] and eight["pgd_accuracy"] == one["pgd_accuracy"]
+    assert eight["worst_case_accuracy"] == one["worst_case_accuracy"]
     assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
-    assert one["adv_accuracy"] < one["accuracy"]  # the attack did something
+    assert one["pgd_accuracy"] < one["accuracy"]  # the attack did something
+    # The batch is split: 8 devices hold 5 of the 40 rows each; one device holds all 40.
+    layout = eight_device_run["eval_8_layout"]
+    assert layout == {"x_spec": ["data"], "x_devices": 8, "x_shard_rows": [5] * 8}
+    assert eight_device_run["eval_1_layout"]["x_shard_rows"] == [40]
 
 
-def test_batch_that_does_not_divide_is_a_config_error(monkeypatch):
+def test_batch_that_does_not_divide_is_a_config_error(eight_device_run):
+    assert eight_device_run["indivisible"].startswith("config.train.batch_size = 60 is invalid")
+    assert "8 devices" in eight_device_run["indivisible"]
+
+
+def test_too_many_devices_is_a_config_error():
     import jax
-    config = ml_collections.ConfigDict({
-        "parallel": {"num_devices": 0, "distributed": False},
-        "train": {"batch_size": 60}, "eval": {"batch_size": 1000}})
-    fake_devices = [jax.devices()[0]] * 8
-    monkeypatch.setattr(jax, "devices", lambda: fake_devices)
-    with pytest.raises(config_lib.ConfigError, match="train.batch_size.*8 devices"):
-        experiment_lib.make_mesh(config)
+    config = ml_collections.ConfigDict({"num_devices": len(jax.devices()) + 1})
+    with pytest.raises(ConfigError, match=r"parallel.num_devices = \d+ is invalid: 1 device\(s\) visible"):
+        context.make_mesh(config)

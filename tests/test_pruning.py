@@ -1,4 +1,5 @@
-"""Tests for sparse_robust.pruning against numpy references, and for keep_pruned_at_zero."""
+"""Tests for sparse_robust.pruning against numpy references, and for the masked optimizer
+(sparse_robust.optim.keep_pruned_at_zero)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_robust import masks, pruning
+from sparse_robust import masks, optim, pruning
 
 PAPER_RATES = {"*": 0.2, "output": 0.1}
 SHAPES = {"dense_0": (12, 10), "dense_1": (10, 7), "output": (7, 4)}
@@ -179,7 +180,7 @@ def test_schedule_rejects_unknown_layers():
         pruning.weights_remaining_schedule({"dense_0/kernel": 10}, {"output": 0.1}, levels=2)
 
 
-# --- keep_pruned_at_zero -------------------------------------------------------------------------
+# --- optim.keep_pruned_at_zero ---------------------------------------------------------------------
 
 # A term that moves every weight whatever its gradient (as noise would): only masking the
 # updates *after* the inner optimizer keeps pruned weights at zero under it.
@@ -220,7 +221,7 @@ def test_pruned_weights_stay_exactly_zero(name):
     params = random_params(6)
     mask = pruning.magnitude_prune(params, masks.create_mask(params), 0.5)
     params = masks.apply_mask(params, mask)
-    tx = pruning.keep_pruned_at_zero(inner, mask)
+    tx = optim.keep_pruned_at_zero(inner, mask)
     grads = random_gradients(params, seed=7)
     masked = jax.jit(run_steps, static_argnums=0)(tx, params, tx.init(params), grads)
     # Reference: the plain optimizer on the same gradients. All three are elementwise, so the alive
@@ -241,7 +242,7 @@ def test_gradients_of_pruned_weights_have_no_effect():
     params = random_params(10)
     mask = pruning.magnitude_prune(params, masks.create_mask(params), 0.5)
     params = masks.apply_mask(params, mask)
-    tx = pruning.keep_pruned_at_zero(optax.lamb(1e-2), mask)
+    tx = optim.keep_pruned_at_zero(optax.lamb(1e-2), mask)
     grads = random_gradients(params, seed=11, num_steps=20)
     noise = random_gradients(params, seed=12, num_steps=20)
     changed_grads = jax.tree_util.tree_map(  # large changes at pruned positions only
@@ -260,13 +261,13 @@ def test_mask_in_state_does_not_retrace():
 
     def update(grads, state, params):
         traces.append(None)
-        return pruning.keep_pruned_at_zero(optax.adam(1e-2)).update(grads, state, params)
+        return optim.keep_pruned_at_zero(optax.adam(1e-2)).update(grads, state, params)
 
     update = jax.jit(update)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     for seed in range(3):
         mask = pruning.random_prune(jax.random.PRNGKey(seed), masks.create_mask(params), 0.5)
-        state = pruning.keep_pruned_at_zero(optax.adam(1e-2), mask).init(params)
+        state = optim.keep_pruned_at_zero(optax.adam(1e-2), mask).init(params)
         updates, _ = update(grads, state, params)
         for layer in SHAPES:
             np.testing.assert_array_equal(kernels(updates)[layer] != 0, kernels(mask)[layer])
@@ -275,8 +276,79 @@ def test_mask_in_state_does_not_retrace():
 
 def test_init_defaults_to_dense_and_checks_the_mask():
     params = random_params(9)
-    state = pruning.keep_pruned_at_zero(optax.sgd(0.1)).init(params)
+    state = optim.keep_pruned_at_zero(optax.sgd(0.1)).init(params)
     assert masks.weights_remaining(state.mask) == 1.0
     bad = masks.create_mask(random_params(9, {**SHAPES, "output": (7, 5)}))
     with pytest.raises(ValueError, match="'output/kernel' has shape"):
-        pruning.keep_pruned_at_zero(optax.sgd(0.1), bad).init(params)
+        optim.keep_pruned_at_zero(optax.sgd(0.1), bad).init(params)
+
+
+def test_extra_arguments_reach_the_inner_optimizer():
+    # reduce_on_plateau reads value=: the wrapper must pass it on (and work inside a chain).
+    params = random_params(3)
+    mask = pruning.magnitude_prune(params, masks.create_mask(params), 0.5)
+    params = masks.apply_mask(params, mask)
+    inner = optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau(patience=1,
+                                                                          factor=0.5))
+    tx = optim.keep_pruned_at_zero(inner, mask)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    state = tx.init(params)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    sizes = []
+    for _ in range(4):  # a loss that never improves: the plateau halves the scale
+        updates, state = tx.update(grads, state, params, value=jnp.asarray(1.0))
+        params = optax.apply_updates(params, updates)
+        sizes.append(float(jnp.abs(updates["output"]["kernel"]).max()))
+        assert np.all(kernels(params)["output"][~kernels(mask)["output"]] == 0.0)
+    assert sizes[-1] < sizes[0] / 1.5
+    plateau_state = state.inner_state[1]
+    assert float(plateau_state.scale) < 1.0
+
+
+def test_replace_mask_keeps_the_moments_and_zeroes_the_newly_pruned():
+    params = random_params(4)
+    tx = optim.keep_pruned_at_zero(optax.adam(1e-2))
+    state = tx.init(params)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    _, state = tx.update(grads, state, params)
+    mask = pruning.magnitude_prune(params, masks.create_mask(params), 0.5)
+    replaced = optim.replace_mask(state, mask)
+    assert replaced.inner_state is state.inner_state
+    updates, _ = tx.update(grads, replaced, params)
+    for layer in SHAPES:
+        np.testing.assert_array_equal(kernels(updates)[layer] != 0, kernels(mask)[layer])
+    other = masks.create_mask(random_params(4, {**SHAPES, "output": (7, 5)}))
+    with pytest.raises(ValueError, match="structure and shapes"):
+        optim.replace_mask(state, other)
+    with pytest.raises(ValueError, match="MaskedState"):
+        optim.replace_mask(state.inner_state, mask)
+
+
+@pytest.mark.parametrize("strategy, source", sorted(pruning.RESET_SOURCES.items()))
+def test_reset_takes_the_strategys_source_under_the_mask(strategy, source):
+    params = random_params(5)
+    mask = pruning.magnitude_prune(params, masks.create_mask(params), 0.5)
+    sources = {name: random_params(seed) for seed, name in
+               enumerate(sorted(set(pruning.RESET_SOURCES.values())), start=20)}
+    start = pruning.reset(strategy, mask, sources)
+    for layer in SHAPES:
+        alive = kernels(mask)[layer]
+        np.testing.assert_array_equal(kernels(start)[layer][alive],
+                                      kernels(sources[source])[layer][alive])
+        assert np.all(kernels(start)[layer][~alive] == 0.0)
+
+
+def test_reset_and_prune_by_reject_bad_arguments():
+    params = random_params(5)
+    mask = masks.create_mask(params)
+    with pytest.raises(ValueError, match="strategy='rewind' is invalid"):
+        pruning.reset("rewind", mask, {"init": params})
+    with pytest.raises(ValueError, match="needs the 'rewind' params"):
+        pruning.reset("rewind_step", mask, {"init": params})
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        pruning.prune_by("random", params, mask, 0.5)
+    with pytest.raises(ValueError, match="criterion='taylor' is invalid"):
+        pruning.prune_by("taylor", params, mask, 0.5)
+    by_magnitude = pruning.prune_by("magnitude", params, mask, 0.5)
+    assert masks.mask_leaves(by_magnitude).keys() == masks.mask_leaves(mask).keys()
+    assert masks.weights_remaining(by_magnitude) == pytest.approx(0.5, abs=0.01)

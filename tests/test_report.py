@@ -1,14 +1,14 @@
 """Tests for experiments.report on fake workdirs with known numbers (2 trials × 3 levels)."""
 
-import json
 import os
 import re
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import report
+from sparse_robust.runs import store
+from sparse_robust.runs.layout import Layout
 
 ATTACKS = ("fgsm", "pgd", "worst_case")
 NUM_TRIALS, NUM_LEVELS = 2, 3
@@ -27,6 +27,12 @@ def known_numbers(seed: int) -> dict:
     }
 
 
+SETTINGS = {"fgsm": {"name": "fgsm", "eps": 0.3, "label_source": "predicted"},
+            "pgd": {"name": "pgd", "eps": 0.3, "step_size": 0.05, "num_steps": 10,
+                    "label_source": "predicted"}}
+TITLES = ["FGSM ε=0.3 (pred. labels)", "PGD-10 ε=0.3 (pred. labels)", "worst case"]
+
+
 def record(numbers, trial, level, **extra) -> dict:
     robust = {a: float(numbers[a][trial, level]) for a in ATTACKS}
     return {
@@ -36,44 +42,43 @@ def record(numbers, trial, level, **extra) -> dict:
         "early_stop_clean_accuracy": 0.5, "early_stop_robust_accuracy": dict(robust),
         "layer_weights_remaining": {"dense_0": 0.8 ** level, "output": 0.9 ** level},
         "steps": STEPS[-1], "train_seconds": 1.0, "steps_per_second": 30.0,
-        "strategy": "rewind_init", **extra,
+        "strategy": "rewind_init", "attacks": SETTINGS, "test_examples": 1000, **extra,
     }
 
 
 def write_workdir(path, numbers, strategy="rewind_init", checkpoints=True, seed=0, records=None):
-    """A workdir as lottery.run leaves it; records written in reverse level order."""
-    os.makedirs(path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"prune": {"strategy": strategy}, "train": {"objective": "mixed"},
-                   "data": {"name": "fashion_mnist"}}, f)
+    """A workdir as the pipeline leaves it (written through its layout); records in reverse
+    level order."""
+    layout = Layout(str(path))
+    store.write_json(layout.config, {"prune": {"strategy": strategy},
+                                     "train": {"objective": "mixed"},
+                                     "eval": {"attacks": "fgsm,pgd", "attack": "pgd", "every": 10},
+                                     "attacks": SETTINGS, "data": {"name": "fashion_mnist"}})
     rng = np.random.default_rng(seed)
     if records is None:
         records = [record(numbers, t, lvl) for t in range(NUM_TRIALS)
                    for lvl in reversed(range(NUM_LEVELS))]
-    with open(os.path.join(path, "summary.json"), "w") as f:
-        json.dump(records, f)
-    for t in range(NUM_TRIALS):
-        for lvl in range(NUM_LEVELS):
-            level_path = os.path.join(path, f"trial_{t}", f"level_{lvl:02d}")
-            os.makedirs(level_path)
-            with open(os.path.join(level_path, "metrics.jsonl"), "w") as f:
-                for i, step in enumerate(STEPS):
-                    metrics = {"loss": 1.0, "accuracy": 0.9, "adv_loss": 2.0,
-                               "adv_accuracy": float(numbers["curve"][t, lvl, i])}
-                    f.write(json.dumps({"step": step, "train": {"loss": 1.0, "accuracy": 0.9},
-                                        "train_seconds": 0.1 * step, "val": metrics,
-                                        "test": metrics}) + "\n")
-            if checkpoints:
-                mask = {n: rng.random(s) < 0.8 ** lvl for n, s in LAYER_SHAPES.items()}
-                np.savez(os.path.join(level_path, "mask.npz"), **mask)
-                params = {"dense_0": {"kernel": rng.normal(size=LAYER_SHAPES["dense_0/kernel"])},
-                          "output": {"kernel": rng.normal(size=LAYER_SHAPES["output/kernel"]),
-                                     "bias": np.zeros(3)}}
-                params = {k: {n: v.astype(np.float32) for n, v in d.items()}
-                          for k, d in params.items()}
-                with ocp.StandardCheckpointer() as checkpointer:
-                    checkpointer.save(os.path.join(level_path, "final_variables"),
-                                      (params, {"batch_stats": {"mean": np.zeros(2, np.float32)}}))
+    store.write_json(layout.summary, records)
+    for r in sorted(records, key=lambda r: (r["trial"], r["level"], r.get("branch") or "")):
+        t, lvl = r["trial"], r["level"]
+        files = layout.unit(t, lvl, r.get("branch"))
+        history = []
+        for i, step in enumerate(STEPS):
+            metrics = {"loss": 1.0, "accuracy": 0.9, "adv_loss": 2.0,
+                       "adv_accuracy": float(numbers["curve"][t, lvl, i])}
+            history.append({"step": step, "train": {"loss": 1.0, "accuracy": 0.9},
+                            "train_seconds": 0.1 * step, "val": metrics, "test": metrics})
+        store.write_jsonl(files.metrics, history)
+        if checkpoints:
+            mask = {n: rng.random(s) < 0.8 ** lvl for n, s in LAYER_SHAPES.items()}
+            np.savez(files.mask, **mask)
+            params = {"dense_0": {"kernel": rng.normal(size=LAYER_SHAPES["dense_0/kernel"])},
+                      "output": {"kernel": rng.normal(size=LAYER_SHAPES["output/kernel"]),
+                                 "bias": np.zeros(3)}}
+            params = {k: {n: v.astype(np.float32) for n, v in d.items()}
+                      for k, d in params.items()}
+            store.save_tree(files.final_variables,
+                            (params, {"batch_stats": {"mean": np.zeros(2, np.float32)}}))
     return str(path)
 
 
@@ -102,8 +107,7 @@ def parse_cell(cell: str) -> tuple[float, float]:
 def test_table_mean_std_matches_numpy(workdirs):
     (path, _), (numbers, _) = workdirs
     header, rows = table_rows(report.paper_table(report.load_run(path)))
-    assert header == ["Level", "Weights remaining", "Clean", "fgsm", "pgd", "Worst case",
-                      "Early-stop step"]
+    assert header == ["Level", "Weights remaining (%)", "Clean", *TITLES, "Early stop (step)"]
     for level, row in enumerate(rows):
         for column, key in zip(row[2:6], ("clean",) + ATTACKS):
             mean, std = parse_cell(column)
@@ -120,14 +124,14 @@ def test_rows_ordered_by_level_with_weights_remaining(workdirs):
     (path, _), _ = workdirs
     _, rows = table_rows(report.paper_table(report.load_run(path)))
     assert [row[0] for row in rows] == [str(lvl) for lvl in range(NUM_LEVELS)]
-    assert [row[1] for row in rows] == [f"{100 * 0.8 ** lvl:.1f}%" for lvl in range(NUM_LEVELS)]
+    assert [row[1] for row in rows] == [f"{100 * 0.8 ** lvl:.1f}" for lvl in range(NUM_LEVELS)]
 
 
 def test_early_stop_accuracy_and_chosen_attacks(workdirs):
     (path, _), _ = workdirs
     run = report.load_run(path)
     header, rows = table_rows(report.paper_table(run, attacks=["pgd"], accuracy="early_stop"))
-    assert header[2:] == ["Clean", "pgd", "Early-stop step"]
+    assert header[2:] == ["Clean", TITLES[1], "Early stop (step)"]
     assert all(row[2] == "50.00 ± 0.00" for row in rows)  # early_stop_clean_accuracy is 0.5
 
 
@@ -151,7 +155,8 @@ def test_latex_is_a_valid_tabular(workdirs):
     assert len(rows) == 1 + 2 * NUM_LEVELS  # header + rows of both runs
     for row in rows:
         assert len(re.findall(r"(?<!\\)&", row)) == num_columns - 1
-    assert r"rewind\_init" in latex and r"\pm" in latex and "80.0\\%" in latex
+    assert r"rewind\_init" in latex and r"\pm" in latex and r"Weights remaining (\%)" in latex
+    assert "% Worst case: an image counts as robust only if" in latex  # the legend, as comments
 
 
 def test_compare_two_workdirs(workdirs):
@@ -179,14 +184,14 @@ def test_attack_missing_from_a_run_is_a_dash(tmp_path):
     dirs = [write_workdir(tmp_path / "a", numbers, checkpoints=False),
             write_workdir(tmp_path / "b", numbers, checkpoints=False, records=records)]
     header, rows = table_rows(report.paper_table(report.load_runs(dirs)))
-    assert header[4:8] == ["fgsm", "pgd", "apgd_ce", "Worst case"]
+    assert header[4:8] == [*TITLES[:2], "apgd_ce", "worst case"]
     assert all(row[6] == "—" for row in rows[:NUM_LEVELS])
     assert all(row[4:6] == ["—", "—"] and row[6] == "25.00 ± 0.00" for row in rows[NUM_LEVELS:])
 
 
 def test_method_rows(tmp_path):
     numbers = known_numbers(5)
-    records = [record(numbers, t, lvl, method=m) for m in ("inverse_inheritance", "hydra")
+    records = [record(numbers, t, lvl, branch=m) for m in ("inverse_inheritance", "hydra")
                for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
     path = write_workdir(tmp_path / "methods", numbers, checkpoints=False, records=records)
     run = report.load_run(path)
@@ -212,11 +217,10 @@ def test_learning_curves_average_trials(workdirs):
 def test_surviving_weights_are_the_masked_params(tmp_path):
     numbers = known_numbers(6)
     path = write_workdir(tmp_path / "w", numbers, seed=7)
-    level_path = os.path.join(path, "trial_1", "level_02")
-    weights = report.surviving_weights(level_path)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(level_path, "final_variables"))[0]
-    mask = np.load(os.path.join(level_path, "mask.npz"))
+    files = Layout(path).unit(1, 2)
+    weights = report.surviving_weights(files)
+    params = store.load_tree_raw(files.final_variables)[0]
+    mask = np.load(files.mask)
     assert set(weights) == set(LAYER_SHAPES)
     for name in LAYER_SHAPES:
         layer, leaf = name.split("/")
@@ -260,7 +264,7 @@ def test_failed_sanity_checks_are_listed_and_passed_ones_are_not(tmp_path, capsy
     write_workdir(flagged, numbers, checkpoints=False, records=records)
     assert report.main([flagged]) == 0
     printed = capsys.readouterr().out
-    listed = [line for line in printed.splitlines() if line.startswith("- ")]
+    listed = [line for line in printed.splitlines() if line.startswith("- rewind_init")]
     assert listed == ["- rewind_init, level 2, trial 1: **ce_and_dlr_agree**: gap False"]
     assert "Sanity checks FAILED" in printed
 
@@ -315,3 +319,86 @@ def test_bad_arguments_name_the_allowed_values(workdirs):
         report.plot_weight_distributions(run, a, trial=5)
     with pytest.raises(ValueError, match="workdirs"):
         report.load_runs([])
+
+
+# ----------------------------------------------------------------------------- the figures
+
+def test_accuracy_figure_compares_clean_and_robust_on_one_scale(workdirs):
+    (a, b), _ = workdirs
+    fig = report.accuracy_figure(report.load_runs([a, b]))
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["clean", *TITLES]
+    assert len({ax.get_ylim() for ax in axes}) == 1  # one y range for every panel
+    low, high = axes[0].get_ylim()
+    assert 0 <= low < high <= 100
+    assert axes[0].get_ylabel() == "test accuracy (%)"
+    levels = sorted(100 * 0.8 ** lvl for lvl in range(NUM_LEVELS))
+    for ax in axes:
+        assert ax.get_xscale() == "log"
+        assert ax.get_xlim()[0] > ax.get_xlim()[1]  # sparser to the right
+        np.testing.assert_allclose(sorted(ax.get_xticks()), levels, rtol=1e-3)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["100", "80", "64"]
+        assert ax.get_xlabel() == "weights remaining (%), sparser →"
+    legend = axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["rewind_init", "random_reinit"]
+    assert legend.get_title().get_text() == "mean ± std over 2 trials"
+    assert "worst case: an image counts only if correct" in fig.get_supxlabel()
+
+
+def test_accuracy_figure_plots_the_mean_and_the_spread(workdirs):
+    (a, _), (numbers, _) = workdirs
+    fig = report.accuracy_figure(report.load_run(a), attacks=["pgd"])
+    clean_line = fig.axes[0].get_lines()[0]
+    np.testing.assert_allclose(clean_line.get_ydata(), 100 * numbers["clean"].mean(axis=0))
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    spread = 100 * numbers["clean"].std(axis=0, ddof=1)
+    assert band.max() == pytest.approx(max(100 * numbers["clean"].mean(axis=0) + spread))
+
+
+def test_learning_curves_figure_shows_clean_and_adversarial(workdirs):
+    (a, _), (numbers, _) = workdirs
+    fig = report.learning_curves_figure(report.load_run(a))
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 2 * NUM_LEVELS  # clean (solid) and adversarial (dashed) per level
+    assert sorted(line.get_linestyle() for line in lines) == ["-"] * NUM_LEVELS + ["--"] * NUM_LEVELS
+    dashed = [line for line in lines if line.get_linestyle() == "--"]
+    np.testing.assert_allclose(dashed[0].get_ydata(), 100 * numbers["curve"][:, 0].mean(axis=0))
+    np.testing.assert_array_equal(dashed[0].get_xdata(), STEPS)
+    assert "PGD-10 ε=0.3 (pred. labels)" in ax.get_title()
+    assert ax.get_xlabel() == "training step" and "accuracy (%)" in ax.get_ylabel()
+
+
+def test_early_stopping_figure_spans_the_training(workdirs):
+    (a, _), (numbers, _) = workdirs
+    ax = report.early_stopping_figure(report.load_run(a)).axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= STEPS[-1]
+    assert ax.get_ylabel() == "training step" and "lowest validation" in ax.get_title()
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(),
+                               numbers["early_stop_step"].mean(axis=0))
+
+
+def test_weight_figures_say_what_they_show_and_have_no_empty_cells(workdirs):
+    (a, _), _ = workdirs
+    [(name, fig)] = report.weight_figures(report.load_run(a), trial=1)
+    assert name == "rewind_init"
+    assert "final weights that survive pruning" in fig._suptitle.get_text()
+    assert len(fig.axes) == NUM_LEVELS  # one panel per level, no empty cell
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "weight value"
+        assert any(t.get_text() for t in ax.get_xticklabels()) or ax.get_xticks().size
+        assert ax.xaxis.get_tick_params()["labelbottom"]
+
+
+def test_diagnostics_figure_names_its_axes(tmp_path):
+    numbers = known_numbers(8)
+    records = [record(numbers, t, lvl, diagnostics={"lipschitz_upper_bound": 10.0 ** (2 * lvl),
+                                                    "margin_clean_mean": 1.0 + lvl})
+               for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
+    path = write_workdir(tmp_path / "d", numbers, checkpoints=False, records=records)
+    fig = report.diagnostics_figure(report.load_run(path))
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == [
+        "Lipschitz upper bound (product of layer spectral norms)",
+        "mean logit margin, clean test images"]
+    assert fig.axes[0].get_xscale() == "log"  # bounds over four orders of magnitude
+    assert fig.axes[0].get_ylabel() == "worst case accuracy (%)"

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_robust import masks, pruning, training
+from sparse_robust import evaluation, masks, pruning, training
 from sparse_robust.objectives import Objective
 
 BATCH, STEPS = 8, 5
@@ -63,7 +63,8 @@ def setup(tiny_mlp, make_fgsm, numpy_init):
     return dict(model=model, model_fn=model_fn, traces=traces, tx=tx, objective=objective,
                 loop=training.make_train_loop(model_fn, tx, objective),
                 step=jax.jit(training.make_train_step(model_fn, tx, objective)),
-                eval=training.make_eval_fn(model_fn, attack=make_fgsm(0.1)),
+                evaluator=lambda batch_size: evaluation.Evaluator(model_fn, batch_size=batch_size),
+                eval_attacks={"adv": make_fgsm(0.1)},
                 data=teacher_data(0), make_fgsm=make_fgsm, init=numpy_init)
 
 
@@ -90,7 +91,7 @@ def train(setup, init_seed=0, key_seed=0):
 def test_loop_equals_repeated_steps(setup):
     images, labels = setup["data"]
     indices = batch_indices(2, STEPS, BATCH)
-    looped, mean_metrics = setup["loop"](new_state(setup), images, labels, indices)
+    looped, step_metrics = setup["loop"](new_state(setup), images, labels, indices)
     state, history = new_state(setup), []
     for idx in np.asarray(indices):
         state, metrics = setup["step"](state, images[idx], labels[idx])
@@ -100,8 +101,8 @@ def test_loop_equals_repeated_steps(setup):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(leaves(looped.opt_state), leaves(state.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for name, value in mean_metrics.items():
-        assert float(value) == pytest.approx(np.mean([m[name] for m in history]), rel=1e-5)
+    for name, values in step_metrics.items():  # one value per step, in order
+        np.testing.assert_allclose(values, [float(m[name]) for m in history], rtol=1e-5)
 
 
 def test_same_seed_same_params_other_seed_other_params(setup):
@@ -137,8 +138,9 @@ def test_pruned_weights_stay_zero_and_caller_arrays_survive(setup):
 def test_loss_decreases_on_a_learnable_problem(setup):
     images, labels = setup["data"]
     state = new_state(setup)
-    evaluate = lambda params: training.evaluate(setup["eval"], params, {}, images, labels,
-                                                jax.random.PRNGKey(2), batch_size=7)
+    evaluator = setup["evaluator"](7)
+    evaluate = lambda params: evaluator.evaluate(params, {}, images, labels, setup["eval_attacks"],
+                                                 jax.random.PRNGKey(2))
     before = evaluate(state.params)
     for chunk in range(60):  # same index shape as the other tests: no new compilation
         state, _ = setup["loop"](state, images, labels, batch_indices(10 + chunk, STEPS, BATCH))
@@ -151,18 +153,20 @@ def test_evaluate_matches_numpy_for_any_batch_size(setup):
     params = new_state(setup, init_seed=3).params
     images, labels = setup["data"]
     images, labels = images[:30], labels[:30]
-    fgsm = setup["make_fgsm"](0.1)  # the attack of setup["eval"]
+    fgsm = setup["eval_attacks"]["adv"]
     x_adv = fgsm(lambda z: setup["model_fn"](params, {}, z, False)[0], images, labels, None)
-    expected = numpy_metrics(numpy_mlp(params, images), labels)
-    expected.update({f"adv_{k}": v for k, v in
-                     numpy_metrics(numpy_mlp(params, x_adv), labels).items()})
+    clean_logits, adv_logits = numpy_mlp(params, images), numpy_mlp(params, x_adv)
+    expected = numpy_metrics(clean_logits, labels)
+    expected.update({f"adv_{k}": v for k, v in numpy_metrics(adv_logits, labels).items()})
+    expected["worst_case_accuracy"] = np.mean((clean_logits.argmax(-1) == labels)
+                                              & (adv_logits.argmax(-1) == labels))
     assert expected["adv_loss"] > expected["loss"]
     for batch_size in (7, 1000):  # 7 leaves a padded last batch; 1000 > the dataset
-        got = training.evaluate(setup["eval"], params, {}, images, labels, jax.random.PRNGKey(0),
-                                batch_size=batch_size)
+        got = setup["evaluator"](batch_size).evaluate(params, {}, images, labels,
+                                                      setup["eval_attacks"], jax.random.PRNGKey(0))
         assert got == pytest.approx(expected, rel=1e-5), batch_size
-    with pytest.raises(ValueError, match="empty"):
-        training.evaluate(setup["eval"], params, {}, images[:0], labels[:0], jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="non-empty"):
+        setup["evaluator"](7).evaluate(params, {}, images[:0], labels[:0])
 
 
 def test_batch_norm_state_trains_and_is_read_only_in_evaluation(tiny_conv_bn, numpy_init):
@@ -189,10 +193,9 @@ def test_batch_norm_state_trains_and_is_read_only_in_evaluation(tiny_conv_bn, nu
         np.testing.assert_allclose(state.model_state["batch_stats"]["input_norm"][k], expected[k],
                                    rtol=1e-4)
 
-    eval_batch = training.make_eval_fn(model_fn)
     stats_before = leaves(state.model_state)
-    evaluate = lambda model_state, batch_size: training.evaluate(
-        eval_batch, state.params, model_state, images, labels, jax.random.PRNGKey(0), batch_size)
+    evaluate = lambda model_state, batch_size: evaluation.Evaluator(
+        model_fn, batch_size=batch_size).evaluate(state.params, model_state, images, labels)
     # Running statistics make each prediction independent of its batch-mates.
     assert evaluate(state.model_state, 3) == pytest.approx(evaluate(state.model_state, 20),
                                                            rel=1e-5)
@@ -237,7 +240,7 @@ def test_per_step_loop_equals_scanned_loop_and_compiles_once(setup):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert set(stepped_metrics) == set(scanned_metrics)
     for name, value in scanned_metrics.items():
-        assert float(stepped_metrics[name]) == pytest.approx(float(value), rel=1e-5)
+        np.testing.assert_allclose(stepped_metrics[name], value, rtol=1e-5)
     per_step(stepped, images, labels, batch_indices(4, STEPS + 2, BATCH))  # more steps, same program
     assert per_step._cache_size() == 1
 
@@ -253,7 +256,7 @@ def test_per_step_loop_trains_vmapped_trials_like_scan(setup):
     for a, b in zip(leaves(stepped.params), leaves(scanned.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for name, value in scanned_metrics.items():
-        assert stepped_metrics[name].shape == (2,)
+        assert stepped_metrics[name].shape == (2, STEPS)
         np.testing.assert_allclose(stepped_metrics[name], value, rtol=1e-5)
     assert not np.allclose(stepped.params["output"]["kernel"][0], stepped.params["output"]["kernel"][1])
 

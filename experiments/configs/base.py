@@ -1,6 +1,12 @@
-"""The Cosentino et al. (2019) protocol; other configs start from it and change a few fields."""
+"""The Cosentino et al. (2019) protocol; other configs start from it and change a few fields.
+
+Every field of the engine is here (``python -m experiments.main --config=... --help_config``
+lists them with their allowed values); a field that is not here is refused by name.
+"""
 
 import ml_collections
+
+from sparse_robust.runs import branches
 
 
 def attack_presets() -> ml_collections.ConfigDict:
@@ -17,6 +23,8 @@ def attack_presets() -> ml_collections.ConfigDict:
                     "label_source": "true"},
         "apgd_dlr": {"name": "apgd", "eps": 0.3, "num_steps": 100, "norm": "linf", "loss": "dlr",
                      "label_source": "true"},
+        # The standard: APGD-CE -> APGD-T -> FAB-T -> Square, each on the images still robust.
+        "autoattack": {"name": "autoattack", "eps": 0.3, "norm": "linf", "label_source": "true"},
     })
 
 
@@ -58,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
         "num_examples": 2_000,     # examples of val and test used at each measurement (0 = all)
         "batch_size": 1_000,
         "attack": "fgsm",          # attack of the periodic measurements
-        "attacks": "fgsm,pgd",     # attacks of the final test evaluation, comma-separated labels
+        "attacks": "fgsm,pgd,autoattack",  # attacks of the final test evaluation (labels)
+        "final_examples": 0,       # test images of the final evaluation (0 = all)
         "early_stop_metric": "objective",  # lowest validation value of: objective | clean_loss | adv_loss
         # Gradient-masking checks on this many test images after each level (0 = off):
         # monotone in ε, ε=0 equals clean, PGD ≤ FGSM, APGD ≤ PGD, large ε reaches chance,
@@ -67,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
     })
     config.prune = ml_collections.ConfigDict({
         "levels": 20,              # pruning levels after the dense level 0
+        "targets": "",             # or sparsities to reach, e.g. "0.8,0.95" (then levels = 0)
+        "rounds_per_target": 1,    # pruning rounds between consecutive targets
         "scope": "layerwise",      # layerwise | global
         "rates": {"default": 0.2, "output": 0.1},  # of the remaining weights, per level
         "global_rate": 0.2,        # used when scope = global
@@ -74,9 +85,21 @@ def get_config() -> ml_collections.ConfigDict:
         "strategy": "rewind_init",  # rewind_init | rewind_step | random_reinit | continue | dense_trained
         "rewind_step": 0,          # k for rewind_step
     })
+    # Comparison methods started from chain levels, written beside them (sparse_robust/runs/
+    # branches/): names from inherit, reinit, random, hydra, inverse_inheritance, scratch_large.
+    config.branches = ml_collections.ConfigDict({
+        "names": "",
+        "levels": "",              # chain levels they start from; "" = the targets' levels
+        **branches.default_settings(),
+    })
+    # Fine-tuning of the one-shot branches (inherit, reinit, random, hydra's weights).
+    config.retrain = ml_collections.ConfigDict({"num_steps": 0, "learning_rate": 0.0})  # 0: train.*
+    # Sparsity-robustness diagnostics of each unit on the first test images (0 = none).
+    config.diagnostics = ml_collections.ConfigDict({"num_examples": 0, "num_iters": 50})
     config.parallel = ml_collections.ConfigDict({
         "num_devices": 0,          # data parallel over this many devices; 0 = all, 1 = no sharding
-        "distributed": False,      # multi-host: call jax.distributed.initialize() first
+        "distributed": False,      # multi-process: join the other processes (README)
+        "trials_at_once": 1,       # trials trained together under vmap (pays on accelerators)
     })
     config.checkpoint_every = 5_000  # steps; a multiple of eval.every keeps resumes exact
     return config

@@ -1,0 +1,120 @@
+"""Branches: comparison methods that start from a level of the pruning chain and write beside it.
+
+A branch reads what the chain trained (the dense network of level 0, the level's ticket and its
+mask, θ0) through the `BranchRun` it is given, trains one unit with ``BranchRun.train``, and its
+files live in ``trial_T/level_LL/branch_NAME/`` (see ``layout.py``). Branches never re-run the
+chain under a disguised config; the chain never knows about them.
+
+To add a pruning method: write ``branches/NAME.py`` defining ``BRANCH = Branch(...)`` (its run
+function, its settings under ``config.branches.NAME`` with their defaults) and add the module to
+``_MODULES`` below. Nothing else changes: the schema, ``--help`` and the pipeline read this
+registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from typing import Any, Callable, Mapping, Optional
+
+from sparse_robust import keys as keys_lib
+from sparse_robust.runs import units as units_lib
+from sparse_robust.runs.fields import Field
+from sparse_robust.runs.layout import Layout, UnitFiles
+
+if typing.TYPE_CHECKING:
+    from sparse_robust.runs.context import Context
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    name: str
+    doc: str
+    run: Callable[["BranchRun"], units_lib.Trained]
+    # Its settings, each a Field whose path is relative to config.branches.<name>.
+    settings: tuple[Field, ...] = ()
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    at_dense: bool = False        # starts from level 0 (the dense network) only
+    # Other branches it reads at the same level, given its settings (run first, always).
+    requires: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda settings: ()
+    # Training steps it costs (for the run's progress line and ETA).
+    steps: Callable[["BranchRun"], int] = lambda run: run.finetune.schedule.num_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchRun:
+    """What a branch at (trial, level) may read and how it trains its unit."""
+    ctx: "Context"                 # the run's context
+    finetune: "Context"            # the fine-tuning phase of one-shot methods (config.retrain)
+    layout: Layout
+    trial: int
+    level: int
+    name: str
+    all_settings: Mapping[str, Mapping[str, Any]]   # config.branches.<branch> of every branch
+    scope: str                     # the chain's pruning scope
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """This branch's settings (config.branches.<name>)."""
+        return self.all_settings.get(self.name, {})
+
+    @property
+    def files(self) -> UnitFiles:
+        return self.layout.unit(self.trial, self.level, self.name)
+
+    def key(self, *names) -> Any:
+        """A key of this trial derived from names, e.g. ``run.key("fresh", run.level)``."""
+        return keys_lib.derive(self.ctx.trial_key(self.trial), *names)
+
+    def chain(self, level: int) -> units_lib.Trained:
+        """The chain's trained network at ``level`` (0: the dense one)."""
+        return units_lib.load_trained(self.ctx, self.layout.unit(self.trial, level))
+
+    def branch(self, name: str, ctx: Optional["Context"] = None) -> units_lib.Trained:
+        """Another branch's trained network at this level (it runs first, see ``requires``)."""
+        return units_lib.load_trained(ctx or self.ctx, self.layout.unit(self.trial, self.level,
+                                                                         name))
+
+    def train(self, start: tuple, mask, *, ctx: Optional["Context"] = None, trainable=None,
+              **extra) -> units_lib.Trained:
+        """Train, evaluate and record this branch's unit from ``start`` = (params, model_state)."""
+        unit = units_lib.Unit(
+            trial=self.trial, level=self.level, branch=self.name, files=self.files,
+            start=start, mask=mask, keys=units_lib.UnitKeys.of(self.ctx, self.trial, self.level,
+                                                               self.name),
+            ctx=ctx or self.finetune, trainable=trainable, extra=extra)
+        return units_lib.train_units(self.layout, [unit])[0]
+
+
+_MODULES = ("inherit", "reinit", "random", "hydra", "inverse_inheritance", "scratch_large")
+BRANCHES: Mapping[str, Branch] = types.MappingProxyType({
+    name: importlib.import_module(f"{__name__}.{name}").BRANCH for name in _MODULES})
+NAMES = tuple(BRANCHES)
+
+
+def setting_fields() -> tuple[Field, ...]:
+    """Every branch's settings, with paths under ``config.`` (``branches.<name>.<field>``)."""
+    return tuple(dataclasses.replace(f, path=f"branches.{b.name}.{f.path}")
+                 for b in BRANCHES.values() for f in b.settings)
+
+
+def default_settings() -> dict:
+    """{branch name: {setting: default}} for the branches that have settings."""
+    return {b.name: dict(b.defaults) for b in BRANCHES.values() if b.settings}
+
+
+def with_requirements(names: list[str], settings: Mapping[str, Mapping]) -> list[str]:
+    """``names`` plus the branches they read, in the order they must run."""
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        for needed in BRANCHES[name].requires(settings.get(name, {})):
+            add(needed)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in names:
+        add(name)
+    return ordered
