@@ -20,8 +20,8 @@ Rows (the shapes of issue 13):
   * PGD-10 mixed adversarial training, steps/s: the Cosentino objective (PGD-10, ε 0.3, step 0.05,
     random start, on the predicted labels; 0.5·CE(clean) + 0.5·CE(adv) with label smoothing 0.1),
     Adam 1.2e-3, pruning mask applied. JAX: `training.make_train_loop` with
-    `pruning.keep_pruned_at_zero` (the loop `training.default_loop` picks); PyTorch: model in eval
-    mode for `torchattacks.PGD` on `argmax` labels, one train-mode pass over the clean and
+    `pruning.keep_pruned_at_zero` (the loop `config.train.loop = "auto"` picks); PyTorch: model
+    in eval mode for `torchattacks.PGD` on `argmax` labels, one train-mode pass over the clean and
     adversarial halves, `Adam.step()`, then the mask multiplies the gradients (before the step) and
     the weights (after it).
 """
@@ -44,6 +44,7 @@ from benchmarks import common
 from benchmarks.flops import matmul_flops
 from benchmarks.run import setup
 from sparse_robust import attacks, models, training
+from sparse_robust.runs import context
 
 EPS, EVAL_STEP, EVAL_STEPS = 0.3, 0.01, 40
 TRAIN_STEP, TRAIN_STEPS, LABEL_SMOOTHING, LR = 0.05, 10, 0.1, 1.2e-3
@@ -196,16 +197,9 @@ def _torch_train_step(model, optimizer, masks, x, y):
             weight.mul_(mask)
 
 
-def scan_loop(model, sample_input) -> bool:
-    """The loop `config.train.loop = "auto"` picks: per step only for XLA convolutions on CPU,
-    whose gradients XLA:CPU computes far slower inside a scan (benchmarks/README.md)."""
-    xla_convs = "xla" in models.conv_impls(model, sample_input).values()
-    return not (jax.default_backend() == "cpu" and xla_convs)
-
-
 def train_row(name: str, batch: int, steps: int, rounds: int, model_kwargs, matmul) -> dict:
     s = setup(name, batch, steps, objective="PGD-10 mixed", model_kwargs=model_kwargs)
-    scan = scan_loop(s["model"], s["images"][:1])
+    scan = context.uses_scan("auto", models.conv_impls(s["model"], s["images"][:1]))
     loop = training.make_train_loop(s["model_fn"], s["tx"], s["objective"], scan=scan)
     twin = _xla_twin(name, batch, steps)
     flops = matmul_flops(training.make_train_loop(twin["model_fn"], twin["tx"], twin["objective"]),

@@ -24,7 +24,6 @@ from sparse_robust import masks as masks_lib
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
 from sparse_robust import optim
-from sparse_robust.models.base import linear_layer_calls
 
 ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
 
@@ -189,12 +188,6 @@ class _SteppedLoop:
 
     def _cache_size(self) -> int:
         return self._step._cache_size()
-
-
-def uses_convolutions(model: nn.Module, sample_input) -> bool:
-    """Whether `model` calls an nn.Conv on `sample_input`."""
-    return any(isinstance(module, nn.Conv)
-               for _, module, _ in linear_layer_calls(model, sample_input))
 
 
 def stack_states(states: list) -> Any:

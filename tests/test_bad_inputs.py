@@ -73,6 +73,7 @@ CONFIG_CASES = [
      "config.branches.inverse_inheritance.fill = 'ones'"),
     ("model_name", setter("model.name", "resnet-99"), "config.model.name = 'resnet-99'"),
     ("width_zero", setter("model.width_multiplier", 0.0), "config.model.width_multiplier = 0.0"),
+    ("conv_impl", setter("model.conv_impl", "winograd"), "config.model.conv_impl = 'winograd'"),
     ("seed_negative", setter("seed", -1), "config.seed = -1"),
     ("trials_zero", setter("num_trials", 0), "config.num_trials = 0"),
     ("steps_zero", setter("train.num_steps", 0), "config.train.num_steps = 0"),

@@ -182,3 +182,28 @@ def test_models_validate_conv_impl():
         models.get_model("lenet-5", conv_impl="fast")
     with pytest.raises(ValueError, match="conv_impl='fast' is invalid"):
         Conv(3, (3, 3), conv_impl="fast")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the auto loop depends on the backend")
+@pytest.mark.parametrize("conv_impl, scans", [("auto", True), ("patches", True), ("xla", False)])
+def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans):
+    """config.model.conv_impl builds the run's model; "auto" scans unless XLA's convolutions run
+    on CPU (their gradients are slow inside a scan)."""
+    from experiments.configs import base
+    from sparse_robust import data
+    from sparse_robust.runs import context
+
+    config = base.get_config()
+    config.model.update(name="lenet-5", conv_impl=conv_impl)
+    config.data.flatten = False
+    config.eval.update(num_examples=32, sanity_examples=0)
+    dataset = data.make_synthetic(0, num_train=256, num_val=64, num_test=64,
+                                  image_shape=(28, 28, 1))
+    ctx = context.from_config(config, dataset)
+    want = "xla" if conv_impl == "xla" else "patches"
+    assert ctx.conv_impls == {"conv_0": want, "conv_1": want}
+    assert ctx.scan == scans
+    assert context.describe_compute(ctx) == (
+        f"convolutions on cpu: conv_0 {want}, conv_1 {want}; train loop: "
+        + ("lax.scan" if scans else "one jitted call per step"))
+    assert context.uses_scan("per_step", {}) is False and context.uses_scan("scan", ctx.conv_impls)

@@ -259,11 +259,3 @@ def test_per_step_loop_trains_vmapped_trials_like_scan(setup):
         assert stepped_metrics[name].shape == (2, STEPS)
         np.testing.assert_allclose(stepped_metrics[name], value, rtol=1e-5)
     assert not np.allclose(stepped.params["output"]["kernel"][0], stepped.params["output"]["kernel"][1])
-
-
-@pytest.mark.parametrize("name,shape,expected", [
-    ("dense-300-100", (1, 784), False), ("lenet-300-100", (1, 784), False),
-    ("conv-2", (1, 28, 28, 1), True), ("lenet-5", (1, 28, 28, 1), True)])
-def test_uses_convolutions(name, shape, expected):
-    from sparse_robust import models
-    assert training.uses_convolutions(models.get_model(name), np.zeros(shape, np.float32)) == expected

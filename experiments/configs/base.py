@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
         "train_limit": 0,          # 0 = all remaining training images
         "flatten": True,
     })
-    config.model = ml_collections.ConfigDict({"name": "dense-300-100", "width_multiplier": 1.0})
+    config.model = ml_collections.ConfigDict({"name": "dense-300-100", "width_multiplier": 1.0,
+                                              "conv_impl": "auto"})
 
     config.attacks = attack_presets()
     config.train = ml_collections.ConfigDict({
@@ -59,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
         "trades_beta": 6.0,
         "attack": "fgsm",          # a label from config.attacks
         "augment": False,          # random crop + flip (image datasets)
-        "loop": "auto",            # scan | per_step | auto: per_step for conv nets on CPU, else scan
+        "loop": "auto",            # scan | per_step | auto: per_step for XLA convolutions on CPU
     })
     config.eval = ml_collections.ConfigDict({
         "every": 1_000,            # steps between validation/test measurements

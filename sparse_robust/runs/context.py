@@ -71,6 +71,7 @@ class Context:
     mesh: Any
     seed: int = 0
     scan: bool = True                     # lax.scan over steps, or one jitted call per step
+    conv_impls: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> path
     augment: bool = False
     trials_at_once: int = 1
     progress: Progress = dataclasses.field(default_factory=lambda: Progress(enabled=False))
@@ -211,12 +212,22 @@ def make_mesh(parallel_config, devices=None):
     return parallel.make_mesh(devices[:parallel_config.num_devices or len(devices)])
 
 
-def uses_scan(loop: str, model: nn.Module, sample_input) -> bool:
-    """``config.train.loop``: "scan", "per_step", or "auto", which steps one by one for
-    convolutional networks on CPU (see ``training.make_train_loop``)."""
+def uses_scan(loop: str, conv_impls: Mapping[str, str]) -> bool:
+    """``config.train.loop``: "scan", "per_step", or "auto", which steps one by one only where
+    XLA's own convolutions run on CPU: XLA:CPU computes their gradients many times slower inside
+    a scan; the patches path is not slowed (``conv_impls``: ``models.conv_impls``' answer)."""
     if loop != "auto":
         return loop == "scan"
-    return not (jax.default_backend() == "cpu" and training.uses_convolutions(model, sample_input))
+    return not (jax.default_backend() == "cpu" and "xla" in conv_impls.values())
+
+
+def describe_compute(ctx: "Context") -> str:
+    """One line: how this run's convolutions and train loop run here ("" without convolutions)."""
+    if not ctx.conv_impls:
+        return ""
+    layers = ", ".join(f"{name} {impl}" for name, impl in ctx.conv_impls.items())
+    loop = "lax.scan" if ctx.scan else "one jitted call per step"
+    return f"convolutions on {jax.default_backend()}: {layers}; train loop: {loop}"
 
 
 def load_data(config) -> data_lib.Dataset:
@@ -285,8 +296,10 @@ def from_config(config: ml_collections.ConfigDict,
     dataset = load_data(config) if dataset is None else dataset
     _check_sizes(config, dataset, mesh)
     model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
-                                 width_multiplier=config.model.width_multiplier)
+                                 width_multiplier=config.model.width_multiplier,
+                                 conv_impl=config.model.conv_impl)
     _check_model(config, model, dataset)
+    conv_impls = models_lib.conv_impls(model, dataset.train_images[:1])
     train = config.train
     attack = None if train.objective == "natural" else schema.build_attack(config, train.attack,
                                                                            "train.attack")
@@ -310,7 +323,7 @@ def from_config(config: ml_collections.ConfigDict,
         objective=objective,
         schedule=Schedule(train.num_steps, train.batch_size, ev.every, config.checkpoint_every),
         eval=plan, mesh=mesh, seed=config.seed,
-        scan=uses_scan(train.loop, model, dataset.train_images[:1]), augment=train.augment,
+        scan=uses_scan(train.loop, conv_impls), conv_impls=conv_impls, augment=train.augment,
         trials_at_once=config.parallel.trials_at_once,
         progress=Progress(enabled=config.progress and hosts.is_primary()),  # one set of bars
         make_optimizer=make_optimizer, learning_rate=train.learning_rate)

@@ -103,6 +103,7 @@ def _start_progress(ctx, finetune, layout: Layout, plan: Plan) -> None:
 def execute(ctx, layout: Layout, plan: Plan) -> list[dict]:
     """Train the chain and the branches of every trial (resuming what ``layout`` holds)."""
     finetune = ctx.phase(*plan.retrain)
+    ctx.progress.say(context_lib.describe_compute(ctx))
     _start_progress(ctx, finetune, layout, plan)
     try:
         trials = list(range(plan.num_trials))

@@ -23,6 +23,11 @@ class Progress:
             self._run = tqdm(total=total_steps, initial=done_steps, desc=desc, unit="step",
                              position=0, dynamic_ncols=True, mininterval=1.0)
 
+    def say(self, text: str) -> None:
+        """A line above the bars (nothing when disabled or empty)."""
+        if self.enabled and text:
+            tqdm.write(text)
+
     @contextlib.contextmanager
     def unit(self, label: str, total: int, initial: int = 0) -> Iterator["UnitBar"]:
         bar = tqdm(total=total, initial=initial, desc=label, unit="step", leave=False,

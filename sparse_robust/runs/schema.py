@@ -51,6 +51,9 @@ FIELDS: tuple[Field, ...] = (
     field("data.flatten", boolean(), "Flatten images to vectors (MLPs); conv nets need False."),
     field("model.name", choice(models_lib.available_models()), "Architecture."),
     field("model.width_multiplier", number(0, low_open=True), "Scales every hidden width."),
+    field("model.conv_impl", choice(models_lib.CONV_IMPLS),
+          "How convolutions run: xla, patches (one matmul over patches), or auto (patches on "
+          "CPU, xla on GPU/TPU)."),
     field("train.optimizer", choice(OPTIMIZERS), "Optimizer (a fresh one at every level)."),
     field("train.learning_rate", number(0, low_open=True), "Learning rate."),
     field("train.weight_decay", number(0), "Weight decay (adamw, sgd)."),
@@ -66,7 +69,7 @@ FIELDS: tuple[Field, ...] = (
     field("train.attack", text(), "Label (under config.attacks) of the training attack."),
     field("train.augment", boolean(), "Random crop and flip (image data, not flattened)."),
     field("train.loop", choice(TRAIN_LOOPS),
-          "lax.scan over steps, one call per step, or auto (per step for conv nets on CPU)."),
+          "lax.scan over steps, one call per step, or auto (per step for XLA convolutions on CPU)."),
     field("eval.every", integer(1), "Steps between validation/test measurements."),
     field("eval.num_examples", integer(0),
           "Validation and test images of each periodic measurement (0 = all)."),
