@@ -15,8 +15,8 @@ start: how close each side runs to this machine's matmul speed.
 
 Rows (the shapes of issue 13):
   * PGD-40 evaluation, images·steps/s: L∞ PGD (ε 0.3, step 0.01, 40 steps, random start) on the
-    true labels, then the clean and adversarial logits. JAX: `training.make_eval_fn` with
-    `attacks.make_attack("pgd", ...)`; PyTorch: `torchattacks.PGD` and two forward passes.
+    true labels, then the adversarial logits. JAX: `evaluation.Evaluator(...).program` with
+    `attacks.make_attack("pgd", ...)`; PyTorch: `torchattacks.PGD` and a forward pass.
   * PGD-10 mixed adversarial training, steps/s: the Cosentino objective (PGD-10, ε 0.3, step 0.05,
     random start, on the predicted labels; 0.5·CE(clean) + 0.5·CE(adv) with label smoothing 0.1),
     Adam 1.2e-3, pruning mask applied. JAX: `training.make_train_loop` with
@@ -33,7 +33,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from torch import nn
 from benchmarks import common
 from benchmarks.flops import matmul_flops
 from benchmarks.run import setup
-from sparse_robust import attacks, models, training
+from sparse_robust import attacks, evaluation, models, training
 from sparse_robust.runs import context
 
 EPS, EVAL_STEP, EVAL_STEPS = 0.3, 0.01, 40
@@ -147,14 +146,14 @@ def eval_row(name: str, batch: int, calls: int, rounds: int, model_kwargs, matmu
     s = setup(name, batch, 1, model_kwargs=model_kwargs)
     x, y = s["images"][:batch], s["labels"][:batch]
     attack = attacks.make_attack("pgd", eps=EPS, step_size=EVAL_STEP, num_steps=EVAL_STEPS)
-    eval_batch = training.make_eval_fn(s["model_fn"], attack)
-    weight, key = jnp.ones(batch), jax.random.PRNGKey(3)
-    flops = calls * matmul_flops(training.make_eval_fn(_xla_twin(name, batch, 1)["model_fn"], attack),
-                                 s["params"], s["model_state"], x, y, weight, key)
+    program = lambda model_fn: evaluation.Evaluator(model_fn, batch_size=batch).program(attack)
+    eval_batch, key = program(s["model_fn"]), jax.random.PRNGKey(3)
+    flops = calls * matmul_flops(program(_xla_twin(name, batch, 1)["model_fn"]),
+                                 s["params"], s["model_state"], x, y, key)
 
     def jax_fn():
         for _ in range(calls):
-            jax.block_until_ready(eval_batch(s["params"], s["model_state"], x, y, weight, key))
+            jax.block_until_ready(eval_batch(s["params"], s["model_state"], x, y, key))
 
     model = torch_model(name, s["params"]).eval()
     tx, ty = _nchw(x), torch.tensor(np.asarray(y), dtype=torch.long)
@@ -164,7 +163,7 @@ def eval_row(name: str, batch: int, calls: int, rounds: int, model_kwargs, matmu
         for _ in range(calls):
             adv = pgd(tx, ty)
             with torch.no_grad():
-                model(tx), model(adv)
+                model(adv)
 
     with torch.no_grad():
         logit_gap = float(np.max(np.abs(model(tx).numpy() - np.asarray(
