@@ -22,7 +22,7 @@ EXTRAS_REQUIRE = {
     # TensorFlow is only needed to *prepare* tfds datasets (CIFAR-10, MNIST) from the
     # network; Fashion-MNIST from local IDX files needs none of it.
     "tf": ["tensorflow-cpu>=2.16", "importlib_resources>=6"],
-    # Only benchmarks/crosscheck.py (our attacks against torchattacks) needs these; no test does.
+    # benchmarks/crosscheck.py and benchmarks/torch_peer.py (PyTorch side by side); no test needs them.
     "crosscheck": ["torch>=2.4", "torchattacks>=3.5"],
 }
 

@@ -206,4 +206,3 @@ def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans)
     assert context.describe_compute(ctx) == (
         f"convolutions on cpu: conv_0 {want}, conv_1 {want}; train loop: "
         + ("lax.scan" if scans else "one jitted call per step"))
-    assert context.uses_scan("per_step", {}) is False and context.uses_scan("scan", ctx.conv_impls)

@@ -196,12 +196,14 @@ def test_resume_after_interruption_gives_the_same_summary(tmp_path, dataset,
     assert strip_timing(resumed) == strip_timing(reference)
 
 
-@pytest.mark.parametrize("loop,model,expected", [
-    ("auto", "lenet-300-100", True), ("auto", "conv-2", False),  # JAX runs on the CPU in tests
-    ("scan", "conv-2", True), ("per_step", "lenet-300-100", False)])
-def test_train_loop_choice(loop, model, expected):
+@pytest.mark.parametrize("loop,model,conv_impl,expected", [  # JAX runs on the CPU in tests
+    ("auto", "lenet-300-100", "auto", True), ("auto", "conv-2", "auto", True),  # patches
+    ("auto", "conv-2", "xla", False), ("scan", "conv-2", "xla", True),
+    ("per_step", "lenet-300-100", "auto", False)])
+def test_train_loop_choice(loop, model, conv_impl, expected):
     sample = np.zeros((1, 8, 8, 1) if model == "conv-2" else (1, 64), np.float32)
-    assert context.uses_scan(loop, models.get_model(model), sample) == expected
+    impls = models.conv_impls(models.get_model(model, conv_impl=conv_impl), sample)
+    assert context.uses_scan(loop, impls) == expected
 
 
 @pytest.mark.parametrize("loop", ["scan", "per_step"])
