@@ -165,6 +165,20 @@ def _load_config():
     return load_config
 
 
+@pytest.fixture(scope="session")
+def finish_tiny_run(tiny_config_file, tmp_path_factory):
+    """finish(num_steps) -> (config file, workdir) of a tiny run finished through the CLI."""
+    from experiments import main as cli
+
+    def finish(num_steps: int):
+        config_file = tiny_config_file(num_steps)
+        path = str(tmp_path_factory.mktemp("finished") / "run")
+        assert cli.run_and_report(load_config(config_file), path) == 0
+        return config_file, path
+
+    return finish
+
+
 def tree_digest(path) -> dict:
     """{relative path: sha256 of contents} of every file under ``path`` (not timestamps)."""
     import hashlib

@@ -153,11 +153,8 @@ WORKDIR_CASES = [  # (id, damage the workdir copy, the file the message names)
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_config_file, load_config, tmp_path_factory):
-    config_file = tiny_config_file(20)
-    path = str(tmp_path_factory.mktemp("finished") / "run")
-    assert cli.run_and_report(load_config(config_file), path) == 0
-    return config_file, path
+def finished(finish_tiny_run):
+    return finish_tiny_run(20)
 
 
 def run_cli(config, workdir, read_error, overwrite=True) -> str:

@@ -15,12 +15,9 @@ from sparse_robust.runs.layout import Layout
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_config_file, load_config, tmp_path_factory):
+def finished(finish_tiny_run):
     """A finished tiny run: (config file, workdir)."""
-    config_file = tiny_config_file(40)
-    path = str(tmp_path_factory.mktemp("finished") / "run")
-    assert cli.run_and_report(load_config(config_file), path) == 0
-    return config_file, path
+    return finish_tiny_run(40)
 
 
 def test_two_processes_on_one_workdir_one_runs_the_other_is_refused(
