@@ -17,11 +17,10 @@ the last good checkpoint is kept and metrics.jsonl stays valid JSON.
 
 from __future__ import annotations
 
-import typing
-
 import dataclasses
 import math
 import time
+import typing
 from typing import Any, Optional, Sequence
 
 import jax

@@ -11,7 +11,6 @@ with a context from ``context.build``.
 from __future__ import annotations
 
 import typing
-
 from typing import Any, Mapping, Optional, Sequence
 
 from sparse_robust import keys as keys_lib

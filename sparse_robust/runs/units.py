@@ -8,10 +8,9 @@ final attack, sanity checks, diagnostics, and its record in result.json and summ
 
 from __future__ import annotations
 
-import typing
-
 import dataclasses
 import os
+import typing
 from typing import Any, Optional, Sequence
 
 import jax
