@@ -337,7 +337,7 @@ def test_accuracy_figure_compares_clean_and_robust_on_one_scale(workdirs):
         assert ax.get_xscale() == "log"
         assert ax.get_xlim()[0] > ax.get_xlim()[1]  # sparser to the right
         np.testing.assert_allclose(sorted(ax.get_xticks()), levels, rtol=1e-3)
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["100", "80", "64"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["100.0", "80.0", "64.0"]
         assert ax.get_xlabel() == "weights remaining (%), sparser →"
     legend = axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["rewind_init", "random_reinit"]

@@ -64,7 +64,9 @@ def _weights_axis(ax, levels_percent: Sequence[float]) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
     ax.xaxis.set_minor_locator(ticker.NullLocator())
-    ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"{t:g}" for t in ticks]))
+    # The tables' format (one decimal), so a tick reads as the table's row does.
+    labels = [f"{t:.1f}" if t >= 0.1 else f"{t:.2g}" for t in ticks]
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter(labels))
     ax.tick_params(axis="x", labelrotation=45 if len(ticks) > 6 else 0)
     low, high = min(ticks), max(ticks)
     ax.set_xlim(high * 1.25, low / 1.25)  # decreasing: sparser to the right
