@@ -367,6 +367,12 @@ def test_learning_curves_figure_shows_clean_and_adversarial(workdirs):
     np.testing.assert_array_equal(dashed[0].get_xdata(), STEPS)
     assert "PGD-10 ε=0.3 (pred. labels)" in ax.get_title()
     assert ax.get_xlabel() == "training step" and "accuracy (%)" in ax.get_ylabel()
+    bar = next(a for a in fig.axes if a.get_ylabel() == "weights remaining (%)")
+    fig.canvas.draw()  # tick labels are set at draw time
+    low, high = bar.get_ylim()
+    shown = [t.get_text() for t in bar.get_yticklabels(minor=True) + bar.get_yticklabels()
+             if t.get_text() and low <= t.get_position()[1] <= high]
+    assert shown == ["100"]  # the levels span 64-100 %: 1-2-5 steps, no label per minor tick
 
 
 def test_early_stopping_figure_spans_the_training(workdirs):
