@@ -105,15 +105,11 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
             for p in range(alpha * alpha)]
     prod = [[prod[a * alpha + b].reshape(n, tiles_h, tiles_w, cout) for b in range(alpha)]
             for a in range(alpha)]
-    # Y = A^T M A, and output (r, s) of tile (i, j) to pixel (m i + r, m j + s) by interior pads.
+    # Y = A^T M A; output (r, s) of tile (i, j) is pixel (m i + r, m j + s).
     rows = [_combine(at_row, prod) for at_row in at]  # combines lists elementwise
-    y = None
-    for r in range(m):
-        for s_ in range(m):
-            part = _combine(at[s_], rows[r])
-            part = lax.pad(part, jnp.zeros((), part.dtype),
-                           [(0, 0, 0), (r, m - 1 - r, m - 1), (s_, m - 1 - s_, m - 1), (0, 0, 0)])
-            y = part if y is None else y + part
+    y = jnp.stack([jnp.stack([_combine(at[c], rows[r]) for c in range(m)], axis=3)
+                   for r in range(m)], axis=2)  # (N, tiles_h, m, tiles_w, m, cout)
+    y = y.reshape(n, tiles_h * m, tiles_w * m, cout)
     return y[:, :out_h, :out_w]
 
 
