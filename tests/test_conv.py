@@ -10,7 +10,9 @@ import pytest
 from sparse_robust import diagnostics, models
 from sparse_robust.models import Conv, conv_impls, resolve_conv_impl
 from sparse_robust.models.base import linear_layer_calls
+from sparse_robust.models.conv import WINOGRAD_MIN_CHANNELS
 from sparse_robust.models.patches import BANDED_MAX_COLUMNS
+from sparse_robust.models.winograd import conv_winograd
 
 # (input shape HWC, Conv keyword arguments); out_width * features > BANDED_MAX_COLUMNS takes the
 # im2col layout of the patches path, the others the banded one.
@@ -25,7 +27,15 @@ CASES = [
     ((28, 28, 1), dict(features=32, kernel_size=(3, 3), padding="SAME")),
     ((14, 14, 16), dict(features=64, kernel_size=(3, 3), padding="SAME", strides=2, use_bias=False)),
 ]
-IMPLS = ["xla", "patches"]
+# 3x3 stride-1 layers, which "winograd" serves: odd and even output sizes, explicit paddings.
+WINOGRAD_CASES = [
+    ((9, 11, 3), dict(features=5, kernel_size=(3, 3), padding="SAME")),
+    ((8, 8, 4), dict(features=3, kernel_size=(3, 3), padding=1, use_bias=False)),
+    ((7, 10, 2), dict(features=4, kernel_size=(3, 3), padding="VALID")),
+    ((7, 7, 2), dict(features=4, kernel_size=(3, 3), padding=((2, 0), (0, 3)))),
+    ((14, 14, 32), dict(features=16, kernel_size=(3, 3), padding="SAME")),
+]
+IMPLS = ["xla", "patches", "winograd"]
 
 
 def _case_id(case):
@@ -55,7 +65,8 @@ def test_large_outputs_take_the_im2col_layout():
 
 
 @pytest.mark.parametrize("conv_impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES + WINOGRAD_CASES,
+                         ids=[_case_id(c) for c in CASES + WINOGRAD_CASES])
 def test_conv_matches_nn_conv_forward_and_gradients(case, conv_impl):
     shape, kwargs = case
     x = _random(0, (3, *shape))
@@ -79,11 +90,41 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=["banded", "im2col"])
-def test_patches_under_vmap_and_scan(case):
+def test_winograd_cases_take_the_winograd_path():
+    for shape, kwargs in WINOGRAD_CASES:
+        assert Conv(**kwargs, conv_impl="winograd").resolved_impl((1, *shape)) == "winograd"
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_conv_winograd_float32_accuracy(tile):
+    """Relative error against XLA's convolution at conv-4's magnitudes (Glorot weights, inputs in
+    [0, 1]): near float32 rounding for F(2x2, 3x3), one digit more for F(4x4, 3x3)."""
+    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 64))
+    kernel = _random(1, (3, 3, 64, 64)) * (2 / (9 * 64 + 9 * 64)) ** 0.5
+    padding = ((1, 1), (1, 1))
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=(
+        "NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+    got = conv_winograd(x, kernel, (1, 1), padding, tile=tile)
+    error = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    assert error < (3e-6 if tile == 2 else 2e-5)
+
+
+def test_conv_winograd_rejects_what_it_cannot_serve():
+    x = jnp.zeros((1, 8, 8, 2))
+    with pytest.raises(ValueError, match="3x3 kernels with stride 1"):
+        conv_winograd(x, jnp.zeros((3, 3, 2, 2)), (2, 2), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="3x3 kernels with stride 1"):
+        conv_winograd(x, jnp.zeros((5, 5, 2, 2)), (1, 1), ((2, 2), (2, 2)))
+
+
+@pytest.mark.parametrize("case, conv_impl", [(CASES[1], "patches"), (CASES[7], "patches"),
+                                             (WINOGRAD_CASES[0], "winograd")],
+                         ids=["banded", "im2col", "winograd"])
+def test_patches_under_vmap_and_scan(case, conv_impl):
     shape, kwargs = case
     xs = _random(0, (4, 2, *shape))
-    reference, conv = nn.Conv(**kwargs), Conv(**kwargs, conv_impl="patches")
+    reference, conv = nn.Conv(**kwargs), Conv(**kwargs, conv_impl=conv_impl)
+    assert conv.resolved_impl(xs[0].shape) == conv_impl
     variables = reference.init(jax.random.key(1), xs[0])
 
     def loss(module, variables, x):
@@ -113,21 +154,26 @@ class _TwoConvs(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         x = nn.relu(Conv(6, (5, 5), padding="SAME", conv_impl=self.conv_impl, name="conv_0")(x))
-        x = Conv(4, (3, 3), strides=2, padding="VALID", conv_impl=self.conv_impl, name="conv_1")(x)
+        x = nn.relu(Conv(5, (3, 3), padding=1, conv_impl=self.conv_impl, name="conv_1")(x))
+        x = Conv(4, (3, 3), strides=2, padding="VALID", conv_impl=self.conv_impl, name="conv_2")(x)
         return nn.Dense(3, name="output")(x.reshape((x.shape[0], -1)))
 
 
 def test_spectral_norms_see_the_same_linear_maps():
-    """diagnostics transposes each layer with jax.linear_transpose: the patches path must be
-    transposable and give the norms of XLA's convolution."""
+    """diagnostics transposes each layer with jax.linear_transpose: the patches and winograd paths
+    must be transposable and give the norms of XLA's convolution."""
     shape = (9, 9, 2)
     variables = _TwoConvs("xla").init(jax.random.key(0), jnp.zeros((1, *shape)))
+    x = jnp.zeros((1, *shape))
+    assert conv_impls(_TwoConvs("winograd"), x) == {
+        "conv_0": "patches", "conv_1": "winograd", "conv_2": "patches"}
     norms = {impl: diagnostics.spectral_norms(_TwoConvs(impl), variables, shape, jax.random.key(1),
                                               num_iters=50)
              for impl in IMPLS}
-    assert set(norms["patches"]) == {"conv_0", "conv_1", "output"}
-    for name, value in norms["xla"].items():
-        np.testing.assert_allclose(norms["patches"][name], value, rtol=1e-5)
+    for impl in ("patches", "winograd"):
+        assert set(norms[impl]) == {"conv_0", "conv_1", "conv_2", "output"}
+        for name, value in norms["xla"].items():
+            np.testing.assert_allclose(norms[impl][name], value, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -157,12 +203,24 @@ class _OneConv(nn.Module):
 
 
 def test_resolve_conv_impl():
-    assert resolve_conv_impl("auto", "cpu") == "patches"
+    wide, narrow = (3, 3, WINOGRAD_MIN_CHANNELS, 8), (3, 3, WINOGRAD_MIN_CHANNELS - 1, 8)
+    assert resolve_conv_impl("auto", "cpu") == "patches"  # a layer of unknown shape
+    assert resolve_conv_impl("auto", "cpu", wide) == "winograd"
+    assert resolve_conv_impl("auto", "cpu", narrow) == "patches"
+    assert resolve_conv_impl("auto", "cpu", wide, strides=(2, 2)) == "patches"
+    assert resolve_conv_impl("auto", "cpu", (5, 5, 64, 8)) == "patches"
     for backend in ("gpu", "tpu"):
         assert resolve_conv_impl("auto", backend) == "xla"
+        assert resolve_conv_impl("auto", backend, wide) == "xla"
     for impl in IMPLS:
         for backend in ("cpu", "gpu"):
-            assert resolve_conv_impl(impl, backend) == impl
+            assert resolve_conv_impl(impl, backend, wide) == impl
+    # "winograd" on a layer it cannot serve runs "patches", on every backend.
+    for backend in ("cpu", "gpu"):
+        assert resolve_conv_impl("winograd", backend, narrow) == "winograd"
+        assert resolve_conv_impl("winograd", backend, (3, 3, 64, 8), (1, 2)) == "patches"
+        assert resolve_conv_impl("winograd", backend, (5, 5, 64, 8)) == "patches"
+        assert resolve_conv_impl("winograd", backend) == "patches"
     with pytest.raises(ValueError, match="conv_impl='im2col' is invalid; allowed values"):
         resolve_conv_impl("im2col")
 
@@ -171,7 +229,14 @@ def test_resolve_conv_impl():
 def test_conv_impls_reports_each_layer_on_cpu():
     x = np.zeros((1, 28, 28, 1), np.float32)
     assert conv_impls(models.get_model("lenet-5"), x) == {"conv_0": "patches", "conv_1": "patches"}
-    assert conv_impls(models.get_model("conv-4"), x) == {f"conv_{i}": "patches" for i in range(4)}
+    assert conv_impls(models.get_model("lenet-5", conv_impl="winograd"), x) == {
+        "conv_0": "patches", "conv_1": "patches"}
+    assert conv_impls(models.get_model("conv-4"), x) == {
+        "conv_0": "patches", "conv_1": "winograd", "conv_2": "winograd", "conv_3": "winograd"}
+    assert conv_impls(models.get_model("conv-4", conv_impl="winograd"), x) == {
+        f"conv_{i}": "winograd" for i in range(4)}
+    assert conv_impls(models.get_model("conv-4", conv_impl="patches"), x) == {
+        f"conv_{i}": "patches" for i in range(4)}
     assert conv_impls(models.get_model("conv-4", conv_impl="xla"), x) == {
         f"conv_{i}": "xla" for i in range(4)}
     assert conv_impls(models.get_model("dense-300-100"), x) == {}
@@ -185,7 +250,8 @@ def test_models_validate_conv_impl():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the auto loop depends on the backend")
-@pytest.mark.parametrize("conv_impl, scans", [("auto", True), ("patches", True), ("xla", False)])
+@pytest.mark.parametrize("conv_impl, scans", [("auto", True), ("patches", True), ("winograd", True),
+                                             ("xla", False)])
 def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans):
     """config.model.conv_impl builds the run's model; "auto" scans unless XLA's convolutions run
     on CPU (their gradients are slow inside a scan)."""

@@ -6,7 +6,11 @@ diagnostics and inheritance see no difference. Its `conv_impl` picks how the con
 
 * "xla": XLA's convolution op, as `nn.Conv` runs it;
 * "patches": one matrix product over patches (`sparse_robust.models.patches`);
-* "auto" (default): "patches" on CPU, "xla" on GPU and TPU (see `resolve_conv_impl`).
+* "winograd": Winograd's F(2x2, 3x3) (`sparse_robust.models.winograd`), for 3x3 kernels with
+  stride 1; a layer it cannot serve runs "patches" instead;
+* "auto" (default): on CPU "winograd" for the 3x3 stride-1 layers with at least
+  `WINOGRAD_MIN_CHANNELS` input channels and "patches" for the others; "xla" on GPU and TPU
+  (see `resolve_conv_impl`).
 
 `models.conv_impls(model, sample_input)` reports what each layer resolves to on this backend.
 """
@@ -20,28 +24,43 @@ from jax import lax
 
 from sparse_robust.checks import check_choice
 from sparse_robust.models.patches import conv_patches
+from sparse_robust.models.winograd import conv_winograd, serves
 
-CONV_IMPLS = ("auto", "xla", "patches")
+CONV_IMPLS = ("auto", "xla", "patches", "winograd")
+
+# "auto" runs a 3x3 stride-1 layer on CPU as "winograd" from this many input channels on: below
+# it, the transforms cost more than the multiplications they save.
+WINOGRAD_MIN_CHANNELS = 16
 
 
-def resolve_conv_impl(conv_impl: str = "auto", backend: str | None = None) -> str:
-    """What `conv_impl` means on `backend` (default: `jax.default_backend()`): "xla" or "patches".
+def resolve_conv_impl(conv_impl: str = "auto", backend: str | None = None,
+                      kernel_shape=None, strides=(1, 1)) -> str:
+    """The path a layer with HWIO `kernel_shape` and `strides` takes on `backend` (default:
+    `jax.default_backend()`): "xla", "patches" or "winograd".
 
-    "auto" is "patches" on CPU, where it measured faster for every layer of lenet-5 and conv-4
-    inside PGD's loop and scanned training (XLA:CPU's convolutions lose 3-80x there), and "xla"
-    on GPU and TPU.
+    On CPU "auto" is "winograd" for 3x3 stride-1 kernels with at least `WINOGRAD_MIN_CHANNELS`
+    input channels (conv-4's last three layers, measured faster inside PGD's loop and scanned
+    training), and "patches" for the others (XLA:CPU's convolutions lose 3-80x there). On GPU and
+    TPU it is "xla". "winograd" on a layer it cannot serve (or of unknown `kernel_shape`) is
+    "patches".
     """
     check_choice("conv_impl", conv_impl, CONV_IMPLS)
-    if conv_impl != "auto":
-        return conv_impl
-    return "patches" if (backend or jax.default_backend()) == "cpu" else "xla"
+    winograd = kernel_shape is not None and serves(kernel_shape, strides)
+    if conv_impl == "auto":
+        if (backend or jax.default_backend()) != "cpu":
+            return "xla"
+        winograd = winograd and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
+        conv_impl = "winograd"
+    return "patches" if conv_impl == "winograd" and not winograd else conv_impl
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` whose convolution runs as `conv_impl` says ("auto", "xla" or "patches").
+    """`nn.Conv` whose convolution runs as `conv_impl` says ("auto", "xla", "patches" or
+    "winograd", see `resolve_conv_impl`).
 
-    "patches" serves 2-D convolutions with zero padding, no dilation and one feature group on an
-    NHWC batch; every other configuration, and "xla", runs `nn.Conv.__call__` unchanged.
+    "patches" and "winograd" serve 2-D convolutions with zero padding, no dilation and one feature
+    group on an NHWC batch ("winograd" 3x3 kernels with stride 1 only, others run "patches");
+    every other configuration, and "xla", runs `nn.Conv.__call__` unchanged.
     """
 
     conv_impl: str = "auto"
@@ -51,15 +70,19 @@ class Conv(nn.Conv):
         super().__post_init__()
 
     def resolved_impl(self, input_shape) -> str:
-        """"xla" or "patches": the path a call on an input of `input_shape` takes here."""
-        return resolve_conv_impl(self.conv_impl) if self._plain_2d(len(input_shape)) else "xla"
+        """"xla", "patches" or "winograd": the path a call on an input of `input_shape` takes."""
+        if not self._plain_2d(len(input_shape)):
+            return "xla"
+        return resolve_conv_impl(self.conv_impl, kernel_shape=self._kernel_shape(input_shape),
+                                 strides=_pair(self.strides))
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        if self.resolved_impl(inputs.shape) == "xla":
+        impl = self.resolved_impl(inputs.shape)
+        if impl == "xla":
             return super().__call__(inputs)
         # The parameters nn.Conv would create, by the same calls.
-        kernel_shape = (*self._kernel_size(), inputs.shape[-1], self.features)
+        kernel_shape = self._kernel_shape(inputs.shape)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
@@ -68,15 +91,20 @@ class Conv(nn.Conv):
         padding = canonicalize_padding(self.padding, 2)
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(inputs.shape[1:3], kernel_shape[:2], strides, padding)
-        y = conv_patches(inputs, kernel, strides, padding, self.precision)
+        conv = conv_winograd if impl == "winograd" else conv_patches
+        y = conv(inputs, kernel, strides, padding, self.precision)
         return y if bias is None else y + bias
+
+    def _kernel_shape(self, input_shape) -> tuple[int, ...]:
+        return (*self._kernel_size(), input_shape[-1], self.features)
 
     def _kernel_size(self) -> tuple[int, ...]:
         size = self.kernel_size
         return (size,) if isinstance(size, int) else tuple(size)
 
     def _plain_2d(self, input_ndim: int) -> bool:
-        """Whether the patches path can run a call on an input of `input_ndim` dimensions."""
+        """Whether the patches (and winograd) paths can run a call on an input of `input_ndim`
+        dimensions."""
         padding = self.padding
         return (input_ndim == 4 and len(self._kernel_size()) == 2 and self.mask is None
                 and self.feature_group_count == 1
