@@ -52,8 +52,9 @@ FIELDS: tuple[Field, ...] = (
     field("model.name", choice(models_lib.available_models()), "Architecture."),
     field("model.width_multiplier", number(0, low_open=True), "Scales every hidden width."),
     field("model.conv_impl", choice(models_lib.CONV_IMPLS),
-          "How convolutions run: xla, patches (one matmul over patches), or auto (patches on "
-          "CPU, xla on GPU/TPU)."),
+          "How convolutions run: xla, patches (one matmul over patches), winograd (3x3 stride "
+          "1), or auto (on CPU winograd where it serves >= 16 input channels, else patches; xla "
+          "on GPU/TPU)."),
     field("train.optimizer", choice(OPTIMIZERS), "Optimizer (a fresh one at every level)."),
     field("train.learning_rate", number(0, low_open=True), "Learning rate."),
     field("train.weight_decay", number(0), "Weight decay (adamw, sgd)."),
