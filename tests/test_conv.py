@@ -120,7 +120,7 @@ def test_conv_winograd_rejects_what_it_cannot_serve():
 @pytest.mark.parametrize("case, conv_impl", [(CASES[1], "patches"), (CASES[7], "patches"),
                                              (WINOGRAD_CASES[0], "winograd")],
                          ids=["banded", "im2col", "winograd"])
-def test_patches_under_vmap_and_scan(case, conv_impl):
+def test_cpu_paths_under_vmap_and_scan(case, conv_impl):
     shape, kwargs = case
     xs = _random(0, (4, 2, *shape))
     reference, conv = nn.Conv(**kwargs), Conv(**kwargs, conv_impl=conv_impl)
