@@ -139,6 +139,8 @@ WORKDIR_CASES = [  # (id, damage the workdir copy, the file the message names)
      "level_02/metrics.jsonl"),
     ("mask_npz", lambda w: overwrite_text(os.path.join(w, "trial_0/level_02/mask.npz"), "PK junk"),
      "level_02/mask.npz"),
+    ("mask_truncated", lambda w: truncate(os.path.join(w, "trial_0/level_01/mask.npz")),
+     "level_01/mask.npz"),
     ("mask_wrong_leaves", lambda w: np.savez(os.path.join(w, "trial_0/level_01/mask.npz"),
                                              **{"x/kernel": np.ones(3, bool)}),
      "level_01/mask.npz"),

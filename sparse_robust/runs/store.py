@@ -136,10 +136,10 @@ def save_mask(path: str, mask) -> None:
 
 def load_mask(path: str, params) -> Any:
     """The mask saved at ``path`` for these params (structure checked)."""
+    arrays = read_mask_arrays(path)
     try:
-        with np.load(path) as arrays:
-            return masks_lib.mask_from_numpy(dict(arrays), params)
-    except (OSError, ValueError, EOFError) as err:
+        return masks_lib.mask_from_numpy(arrays, params)
+    except ValueError as err:
         raise CorruptFileError(f"{path} is not a readable mask for this model ({err}); move it "
                                "away to recompute it.") from None
 
