@@ -83,16 +83,23 @@ def to_json(obj: Any) -> Any:
     return _finite(json.loads(json.dumps(obj, default=_plain)))
 
 
-def _write_text(path: str, text: str) -> None:
+def _write_atomically(path: str, tmp: str, write_tmp) -> None:
+    """``write_tmp(tmp)``, then rename ``tmp`` to ``path``; by process 0 alone."""
     def write():
         with writing(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
+            write_tmp(tmp)
             os.replace(tmp, path)
 
     hosts.on_primary(write, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    def write_tmp(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _write_atomically(path, f"{path}.tmp", write_tmp)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -123,15 +130,8 @@ def read_jsonl(path: str) -> list:
 
 def save_mask(path: str, mask) -> None:
     arrays = masks_lib.mask_to_numpy(mask)
-
-    def write():
-        with writing(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp.npz"
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, path)
-
-    hosts.on_primary(write, path)
+    # The .npz suffix keeps numpy from appending one to the temporary name.
+    _write_atomically(path, f"{path}.tmp.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
 def load_mask(path: str, params) -> Any:
