@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,7 @@ from sparse_robust import parallel
 from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
 from sparse_robust.checks import check_choice
 from sparse_robust.objectives import cross_entropy
-
-ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
+from sparse_robust.training import ModelFn
 
 CLEAN = "clean"
 WORST_CASE = "worst_case"

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from sparse_robust import masks as masks_lib
 
 Rates = Union[float, Mapping[str, float]]
