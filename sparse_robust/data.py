@@ -14,6 +14,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging as absl_logging
 
 from sparse_robust.checks import check_int
 
@@ -290,8 +291,16 @@ def _load_tfds(name, data_dir, download):
     """Train and test (images, labels) through tfds; downloads only when `download` is True."""
     import tensorflow_datasets as tfds  # slow import: only for this source
 
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
+    # tfds logs a warning for each version folder it finds without metadata; the DataError
+    # below says in one line what is missing and how to get it.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    if not prepared:
         if not download:
             raise DataError(
                 f"{name} is not prepared in the tfds data_dir {builder.data_dir}. "

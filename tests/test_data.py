@@ -5,6 +5,7 @@ import functools
 import gzip
 import importlib.resources
 import io
+import logging
 import os
 import struct
 import sys
@@ -237,6 +238,15 @@ def test_missing_data_gives_instructions_without_download(tmp_path, forbid_downl
     assert "IDX" in message and "download=True" in message and str(tmp_path) in message
     with pytest.raises(data.DataError, match="download=True"):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert not forbid_download
+
+
+def test_missing_tfds_data_is_one_error_and_no_tfds_warning(tmp_path, forbid_download, caplog):
+    """A version folder without metadata makes tfds log a warning; the DataError alone speaks."""
+    (tmp_path / "fashion_mnist" / "3.0.1").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING), pytest.raises(data.DataError, match="not prepared"):
+        data.load_dataset("fashion_mnist", source="tfds", data_dir=str(tmp_path))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not forbid_download
 
 
