@@ -408,3 +408,21 @@ def test_diagnostics_figure_names_its_axes(tmp_path):
         "mean logit margin, clean test images"]
     assert fig.axes[0].get_xscale() == "log"  # bounds over four orders of magnitude
     assert fig.axes[0].get_ylabel() == "worst case accuracy (%)"
+
+
+@pytest.mark.parametrize("settings, title", [
+    (dict(name="fab_t", eps=0.1), "FAB-T-100 ε=0.1"),
+    (dict(name="apgd_t", eps=0.1), "APGD-T-100 ε=0.1"),
+    (dict(name="apgd", eps=0.1, num_steps=50, loss="dlr"), "APGD-DLR-50 ε=0.1"),
+    (dict(name="square", eps=0.5, norm="l2"), "Square ε₂=0.5"),
+    (dict(name="pgd", eps=0.3, step_size=0.05, num_steps=10, label_source="predicted"),
+     "PGD-10 ε=0.3 (pred. labels)"),
+])
+def test_attack_titles_name_every_attack_as_the_papers_do(settings, title):
+    """A record's attack settings (as the engine writes them) titled for tables and plots."""
+    from experiments.report.load import attack_title
+    from sparse_robust import attacks
+    from sparse_robust.runs import units
+    record_settings = store.to_json(units._attack_settings(attacks.make_attack(**settings)))
+    assert attack_title("label", record_settings) == title
+

@@ -27,8 +27,8 @@ METHOD_TITLES = {"dense": "dense", "lottery": "lottery ticket", "inherit": "inhe
                  "reinit": "same mask, random reinit", "random": "random mask",
                  "hydra": "HYDRA", "inverse_inheritance": "inverse inheritance",
                  "scratch_large": "large, from scratch"}
-_ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD", "apgd_t": "APGD-T", "fab": "FAB",
-                 "square": "Square", "autoattack": "AutoAttack"}
+_ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD", "apgd_t": "APGD-T",
+                 "fab_t": "FAB-T", "square": "Square", "autoattack": "AutoAttack"}
 
 
 @dataclasses.dataclass(frozen=True)
