@@ -13,10 +13,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from sparse_robust.evaluation import WORST_CASE
 from sparse_robust.runs import store
 from sparse_robust.runs.layout import Layout, UnitFiles
 
-WORST_CASE = "worst_case"
 # Which accuracies a table or plot shows: the final weights', or those kept by early stopping.
 ACCURACY_FIELDS = {"final": ("clean_accuracy", "robust_accuracy"),
                    "early_stop": ("early_stop_clean_accuracy", "early_stop_robust_accuracy")}
