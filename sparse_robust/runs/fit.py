@@ -8,8 +8,9 @@ exactly the numbers of an uninterrupted one.
 
 Several units (the trials of one level) can train together: their states are stacked and one
 ``jax.vmap``-ed loop advances them all, while measurement, early stopping, checkpoints and files
-stay per unit, exactly as if each had trained alone. A unit whose checkpoint is behind the
-others' (a kill between two checkpoint writes) first catches up alone.
+stay per unit, as if each had trained alone (up to float rounding: the stacked matmuls round
+differently). A unit whose checkpoint is behind the others' (a kill between two checkpoint
+writes) first catches up alone.
 
 A non-finite training loss stops the run with a `DivergedError` naming the unit and the step;
 the last good checkpoint is kept and metrics.jsonl stays valid JSON.

@@ -30,7 +30,7 @@ TRAIN_LOOPS = ("auto", "scan", "per_step")
 EARLY_STOP_METRICS = ("objective", "clean_loss", "adv_loss")
 DEFAULT_RATE_KEY = "default"  # config.prune.rates' name for pruning.DEFAULT_RATE_KEY
 # Fields that change how a run is shown, where it finds data or how it is spread over devices,
-# not what it computes: they may differ when a workdir is resumed.
+# not what it computes (beyond float rounding): they may differ when a workdir is resumed.
 NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download", "parallel.num_devices",
                      "parallel.distributed", "parallel.trials_at_once")
 # Mappings whose keys the user chooses: the attacks by label, the pruning rates by layer.
