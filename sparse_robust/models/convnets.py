@@ -55,7 +55,8 @@ class LeNet5(Classifier):
         del train  # No dropout or batch norm.
         require_images(x, type(self).__name__)
         init = nn.initializers.glorot_uniform()
-        conv = functools.partial(Conv, kernel_size=(5, 5), kernel_init=init, conv_impl=self.conv_impl)
+        conv = functools.partial(Conv, kernel_size=(5, 5), kernel_init=init,
+                                 conv_impl=self.conv_impl)
         x = _max_pool(nn.relu(conv(self.scaled(6), padding="SAME", name="conv_0")(x)))
         x = _max_pool(nn.relu(conv(self.scaled(16), padding="VALID", name="conv_1")(x)))
         x = flatten_batch(x)

@@ -51,8 +51,9 @@ def conv_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
         patches = jnp.stack([rows(i) for i in range(kh)], axis=2)  # (N, out_h, kh, W, cin)
         weights = _banded(kernel, width, out_w, sw).reshape(kh * width * cin, out_w * cout)
     else:
+        # (N, out_h, out_w, kh*kw, cin)
         patches = jnp.stack([rows(i)[:, :, j:j + sw * (out_w - 1) + 1:sw]
-                             for i in range(kh) for j in range(kw)], axis=3)  # (N, oh, ow, kh*kw, cin)
+                             for i in range(kh) for j in range(kw)], axis=3)
         weights = kernel.reshape(kh * kw * cin, cout)
     y = jnp.matmul(patches.reshape(-1, weights.shape[0]), weights, precision=precision)
     return y.reshape(n, out_h, out_w, cout)
