@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what sparse_robust needs on a fresh Debian/Ubuntu machine: the Fashion-MNIST IDX files
-# (Debian package), a virtual environment in .venv and the package with its test extras.
+# (Debian package), a C++ compiler (the CPU convolution kernel is built with it on first use), a
+# virtual environment in .venv and the package with its test extras.
 # Sourced by scripts/quickstart.sh and scripts/test.sh; safe to run again (it skips what is there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -8,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v "${CXX:-c++}" >/dev/null || need_apt+=(g++)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
   echo "Installing Debian packages: ${need_apt[*]}"

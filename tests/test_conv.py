@@ -12,6 +12,7 @@ from sparse_robust.models import Conv, conv_impls, resolve_conv_impl
 from sparse_robust.models.base import linear_layer_calls
 from sparse_robust.models.conv import WINOGRAD_MIN_CHANNELS
 from sparse_robust.models.patches import BANDED_MAX_COLUMNS
+from sparse_robust.models import winograd_cpu
 from sparse_robust.models.winograd import conv_winograd
 
 # (input shape HWC, Conv keyword arguments); out_width * features > BANDED_MAX_COLUMNS takes the
@@ -34,8 +35,12 @@ WINOGRAD_CASES = [
     ((7, 10, 2), dict(features=4, kernel_size=(3, 3), padding="VALID")),
     ((7, 7, 2), dict(features=4, kernel_size=(3, 3), padding=((2, 0), (0, 3)))),
     ((14, 14, 32), dict(features=16, kernel_size=(3, 3), padding="SAME")),
+    ((7, 9, 16), dict(features=32, kernel_size=(3, 3), padding="SAME")),  # winograd_cpu's too
 ]
-IMPLS = ["xla", "patches", "winograd"]
+IMPLS = ["xla", "patches", "winograd", "winograd_cpu"]
+# What "winograd_cpu" resolves to on a layer it serves: the kernel where it could be built (on
+# Linux x86-64 it must be: tests/test_winograd_cpu.py), else the XLA-ops Winograd.
+_KERNEL = "winograd_cpu" if winograd_cpu.available() else "winograd"
 
 
 def _case_id(case):
@@ -118,8 +123,9 @@ def test_conv_winograd_rejects_what_it_cannot_serve():
 
 
 @pytest.mark.parametrize("case, conv_impl", [(CASES[1], "patches"), (CASES[7], "patches"),
-                                             (WINOGRAD_CASES[0], "winograd")],
-                         ids=["banded", "im2col", "winograd"])
+                                             (WINOGRAD_CASES[0], "winograd"),
+                                             (WINOGRAD_CASES[5], "winograd_cpu")],
+                         ids=["banded", "im2col", "winograd", "winograd_cpu"])
 def test_cpu_paths_under_vmap_and_scan(case, conv_impl):
     shape, kwargs = case
     xs = _random(0, (4, 2, *shape))
@@ -153,24 +159,25 @@ class _TwoConvs(nn.Module):
 
     @nn.compact
     def __call__(self, x, train=False):
-        x = nn.relu(Conv(6, (5, 5), padding="SAME", conv_impl=self.conv_impl, name="conv_0")(x))
-        x = nn.relu(Conv(5, (3, 3), padding=1, conv_impl=self.conv_impl, name="conv_1")(x))
+        x = nn.relu(Conv(16, (5, 5), padding="SAME", conv_impl=self.conv_impl, name="conv_0")(x))
+        x = nn.relu(Conv(16, (3, 3), padding=1, conv_impl=self.conv_impl, name="conv_1")(x))
         x = Conv(4, (3, 3), strides=2, padding="VALID", conv_impl=self.conv_impl, name="conv_2")(x)
         return nn.Dense(3, name="output")(x.reshape((x.shape[0], -1)))
 
 
 def test_spectral_norms_see_the_same_linear_maps():
     """diagnostics transposes each layer with jax.linear_transpose: the patches and winograd paths
-    must be transposable and give the norms of XLA's convolution."""
+    (the kernel's too) must be transposable and give the norms of XLA's convolution."""
     shape = (9, 9, 2)
     variables = _TwoConvs("xla").init(jax.random.key(0), jnp.zeros((1, *shape)))
     x = jnp.zeros((1, *shape))
     assert conv_impls(_TwoConvs("winograd"), x) == {
         "conv_0": "patches", "conv_1": "winograd", "conv_2": "patches"}
+    assert conv_impls(_TwoConvs("winograd_cpu"), x)["conv_1"] == _KERNEL
     norms = {impl: diagnostics.spectral_norms(_TwoConvs(impl), variables, shape, jax.random.key(1),
                                               num_iters=50)
              for impl in IMPLS}
-    for impl in ("patches", "winograd"):
+    for impl in IMPLS[1:]:
         assert set(norms[impl]) == {"conv_0", "conv_1", "conv_2", "output"}
         for name, value in norms["xla"].items():
             np.testing.assert_allclose(norms[impl][name], value, rtol=1e-5)
@@ -204,23 +211,34 @@ class _OneConv(nn.Module):
 
 def test_resolve_conv_impl():
     wide, narrow = (3, 3, WINOGRAD_MIN_CHANNELS, 8), (3, 3, WINOGRAD_MIN_CHANNELS - 1, 8)
+    same, fused = ((1, 1), (1, 1)), (3, 3, 16, 32)
     assert resolve_conv_impl("auto", "cpu") == "patches"  # a layer of unknown shape
     assert resolve_conv_impl("auto", "cpu", wide) == "winograd"
     assert resolve_conv_impl("auto", "cpu", narrow) == "patches"
     assert resolve_conv_impl("auto", "cpu", wide, strides=(2, 2)) == "patches"
     assert resolve_conv_impl("auto", "cpu", (5, 5, 64, 8)) == "patches"
+    assert resolve_conv_impl("auto", "cpu", fused, padding=same) == _KERNEL
+    assert resolve_conv_impl("auto", "cpu", fused, padding=((0, 0), (0, 0))) == "winograd"
+    assert resolve_conv_impl("auto", "cpu", fused, padding=same, dtype=jnp.bfloat16) == "winograd"
     for backend in ("gpu", "tpu"):
         assert resolve_conv_impl("auto", backend) == "xla"
         assert resolve_conv_impl("auto", backend, wide) == "xla"
-    for impl in IMPLS:
+        assert resolve_conv_impl("auto", backend, fused, padding=same) == "xla"
+    for impl in IMPLS[:3]:
         for backend in ("cpu", "gpu"):
             assert resolve_conv_impl(impl, backend, wide) == impl
-    # "winograd" on a layer it cannot serve runs "patches", on every backend.
+    # "winograd_cpu" runs on CPU only, on the layers it serves; elsewhere "winograd".
+    assert resolve_conv_impl("winograd_cpu", "cpu", fused, padding=same) == _KERNEL
+    assert resolve_conv_impl("winograd_cpu", "gpu", fused, padding=same) == "winograd"
+    assert resolve_conv_impl("winograd_cpu", "cpu", wide, padding=same) == "winograd"
+    assert resolve_conv_impl("winograd_cpu", "cpu", fused) == "winograd"  # padding unknown
+    # "winograd" (and so "winograd_cpu") on a layer it cannot serve runs "patches".
     for backend in ("cpu", "gpu"):
-        assert resolve_conv_impl("winograd", backend, narrow) == "winograd"
-        assert resolve_conv_impl("winograd", backend, (3, 3, 64, 8), (1, 2)) == "patches"
-        assert resolve_conv_impl("winograd", backend, (5, 5, 64, 8)) == "patches"
-        assert resolve_conv_impl("winograd", backend) == "patches"
+        for impl in ("winograd", "winograd_cpu"):
+            assert resolve_conv_impl(impl, backend, narrow) == "winograd"
+            assert resolve_conv_impl(impl, backend, (3, 3, 64, 8), (1, 2)) == "patches"
+            assert resolve_conv_impl(impl, backend, (5, 5, 64, 8)) == "patches"
+            assert resolve_conv_impl(impl, backend) == "patches"
     with pytest.raises(ValueError, match="conv_impl='im2col' is invalid; allowed values"):
         resolve_conv_impl("im2col")
 
@@ -232,7 +250,9 @@ def test_conv_impls_reports_each_layer_on_cpu():
     assert conv_impls(models.get_model("lenet-5", conv_impl="winograd"), x) == {
         "conv_0": "patches", "conv_1": "patches"}
     assert conv_impls(models.get_model("conv-4"), x) == {
-        "conv_0": "patches", "conv_1": "winograd", "conv_2": "winograd", "conv_3": "winograd"}
+        "conv_0": "patches", "conv_1": _KERNEL, "conv_2": _KERNEL, "conv_3": _KERNEL}
+    assert conv_impls(models.get_model("conv-4", conv_impl="winograd_cpu"), x) == {
+        "conv_0": "winograd", "conv_1": _KERNEL, "conv_2": _KERNEL, "conv_3": _KERNEL}
     assert conv_impls(models.get_model("conv-4", conv_impl="winograd"), x) == {
         f"conv_{i}": "winograd" for i in range(4)}
     assert conv_impls(models.get_model("conv-4", conv_impl="patches"), x) == {
@@ -251,7 +271,7 @@ def test_models_validate_conv_impl():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the auto loop depends on the backend")
 @pytest.mark.parametrize("conv_impl, scans", [("auto", True), ("patches", True), ("winograd", True),
-                                             ("xla", False)])
+                                             ("winograd_cpu", True), ("xla", False)])
 def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans):
     """config.model.conv_impl builds the run's model; "auto" scans unless XLA's convolutions run
     on CPU (their gradients are slow inside a scan)."""
@@ -272,3 +292,18 @@ def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans)
     assert context.describe_compute(ctx) == (
         f"convolutions on cpu: conv_0 {want}, conv_1 {want}; train loop: "
         + ("lax.scan" if scans else "one jitted call per step"))
+
+
+def test_describe_compute_says_why_the_kernel_is_missing(monkeypatch):
+    from types import SimpleNamespace
+
+    from sparse_robust.runs import context
+
+    ctx = SimpleNamespace(conv_impls={"conv_0": "patches", "conv_1": "winograd"}, scan=True)
+    line = f"convolutions on {jax.default_backend()}: conv_0 patches, conv_1 winograd; " \
+           "train loop: lax.scan"
+    monkeypatch.setattr(winograd_cpu, "_load", lambda: "no C++ compiler: 'c++' is not on PATH")
+    want = line + " (no winograd_cpu kernel: no C++ compiler: 'c++' is not on PATH)"
+    assert context.describe_compute(ctx) == (want if jax.default_backend() == "cpu" else line)
+    monkeypatch.setattr(winograd_cpu, "_load", lambda: None)
+    assert context.describe_compute(ctx) == line

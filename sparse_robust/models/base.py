@@ -44,8 +44,8 @@ def conv_impls(model: nn.Module, sample_input) -> dict[str, str]:
 
 class Classifier(nn.Module):
     """Base of all models: `num_classes` outputs, hidden widths scaled by `width_multiplier`, and
-    `conv_impl` ("auto", "xla", "patches" or "winograd", see `sparse_robust.models.conv`) for the
-    convolutions of models that have some.
+    `conv_impl` ("auto", "xla", "patches", "winograd" or "winograd_cpu", see
+    `sparse_robust.models.conv`) for the convolutions of models that have some.
 
     Subclasses implement `__call__(self, x, train: bool = False) -> logits` and name their final
     `nn.Dense` layer `output` (pruning schedules address it by that name).

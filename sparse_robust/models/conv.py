@@ -6,10 +6,13 @@ diagnostics and inheritance see no difference. Its `conv_impl` picks how the con
 
 * "xla": XLA's convolution op, as `nn.Conv` runs it;
 * "patches": one matrix product over patches (`sparse_robust.models.patches`);
-* "winograd": Winograd's F(2x2, 3x3) (`sparse_robust.models.winograd`), for 3x3 kernels with
-  stride 1; a layer it cannot serve runs "patches" instead;
-* "auto" (default): on CPU "winograd" for the 3x3 stride-1 layers with at least
-  `WINOGRAD_MIN_CHANNELS` input channels and "patches" for the others; "xla" on GPU and TPU
+* "winograd": Winograd's F(2x2, 3x3) in XLA ops (`sparse_robust.models.winograd`), for 3x3
+  kernels with stride 1; a layer it cannot serve runs "patches" instead;
+* "winograd_cpu": the same algorithm as one fused CPU kernel (`sparse_robust.models.winograd_cpu`)
+  for 3x3, stride-1, SAME float32 layers with channel counts that are multiples of 16, on CPU
+  where the kernel could be built; any other layer runs "winograd" instead;
+* "auto" (default): on CPU "winograd_cpu" (else "winograd") for the 3x3 stride-1 layers with at
+  least `WINOGRAD_MIN_CHANNELS` input channels and "patches" for the others; "xla" on GPU and TPU
   (see `resolve_conv_impl`).
 
 `models.conv_impls(model, sample_input)` reports what each layer resolves to on this backend.
@@ -18,15 +21,17 @@ diagnostics and inheritance see no difference. Its `conv_impl` picks how the con
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from sparse_robust.checks import check_choice
+from sparse_robust.models import winograd_cpu
 from sparse_robust.models.patches import conv_patches
-from sparse_robust.models.winograd import conv_winograd, serves
+from sparse_robust.models.winograd import conv_winograd, serves, transformed_kernel
 
-CONV_IMPLS = ("auto", "xla", "patches", "winograd")
+CONV_IMPLS = ("auto", "xla", "patches", "winograd", "winograd_cpu")
 
 # "auto" runs a 3x3 stride-1 layer on CPU as "winograd" from this many input channels on: below
 # it, the transforms cost more than the multiplications they save.
@@ -34,29 +39,38 @@ WINOGRAD_MIN_CHANNELS = 16
 
 
 def resolve_conv_impl(conv_impl: str = "auto", backend: str | None = None,
-                      kernel_shape=None, strides=(1, 1)) -> str:
-    """The path a layer with HWIO `kernel_shape` and `strides` takes on `backend` (default:
-    `jax.default_backend()`): "xla", "patches" or "winograd".
+                      kernel_shape=None, strides=(1, 1), padding=None, dtype=jnp.float32) -> str:
+    """The path a layer with HWIO `kernel_shape`, `strides`, explicit (low, high) `padding` pairs
+    and `dtype` takes on `backend` (default: `jax.default_backend()`): "xla", "patches",
+    "winograd" or "winograd_cpu".
 
-    On CPU "auto" is "winograd" for 3x3 stride-1 kernels with at least `WINOGRAD_MIN_CHANNELS`
-    input channels (conv-4's last three layers, measured faster inside PGD's loop and scanned
-    training), and "patches" for the others (XLA:CPU's convolutions lose 3-80x there). On GPU and
-    TPU it is "xla". "winograd" on a layer it cannot serve (or of unknown `kernel_shape`) is
-    "patches".
+    On CPU "auto" is "winograd_cpu" for the layers it serves (`winograd_cpu.serves`) when the
+    kernel is available on one device, else "winograd", for 3x3 stride-1 kernels with at least
+    `WINOGRAD_MIN_CHANNELS` input channels (conv-4's last three layers, measured faster inside
+    PGD's loop and scanned training), and "patches" for the others (XLA:CPU's convolutions lose
+    3-80x there). On GPU and TPU it is "xla". "winograd_cpu" where it cannot run is "winograd";
+    "winograd" on a layer it cannot serve (or of unknown `kernel_shape`) is "patches".
     """
     check_choice("conv_impl", conv_impl, CONV_IMPLS)
+    backend = backend or jax.default_backend()
     winograd = kernel_shape is not None and serves(kernel_shape, strides)
     if conv_impl == "auto":
-        if (backend or jax.default_backend()) != "cpu":
+        if backend != "cpu":
             return "xla"
         winograd = winograd and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
-        conv_impl = "winograd"
+        # Across devices XLA's partitioner cannot split an FFI call by batch; it would gather.
+        conv_impl = "winograd_cpu" if jax.device_count() == 1 else "winograd"
+    if conv_impl == "winograd_cpu":
+        fused = (backend == "cpu" and winograd and padding is not None
+                 and winograd_cpu.serves(kernel_shape, strides, padding, dtype)
+                 and winograd_cpu.available())
+        conv_impl = "winograd_cpu" if fused else "winograd"
     return "patches" if conv_impl == "winograd" and not winograd else conv_impl
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` whose convolution runs as `conv_impl` says ("auto", "xla", "patches" or
-    "winograd", see `resolve_conv_impl`).
+    """`nn.Conv` whose convolution runs as `conv_impl` says ("auto", "xla", "patches", "winograd"
+    or "winograd_cpu", see `resolve_conv_impl`).
 
     "patches" and "winograd" serve 2-D convolutions with zero padding, no dilation and one feature
     group on an NHWC batch ("winograd" 3x3 kernels with stride 1 only, others run "patches");
@@ -70,11 +84,14 @@ class Conv(nn.Conv):
         super().__post_init__()
 
     def resolved_impl(self, input_shape) -> str:
-        """"xla", "patches" or "winograd": the path a call on an input of `input_shape` takes."""
+        """"xla", "patches", "winograd" or "winograd_cpu": the path a call on an input of
+        `input_shape` takes."""
         if not self._plain_2d(len(input_shape)):
             return "xla"
+        strides = _pair(self.strides)
         return resolve_conv_impl(self.conv_impl, kernel_shape=self._kernel_shape(input_shape),
-                                 strides=_pair(self.strides))
+                                 strides=strides, padding=self._pads(input_shape, strides),
+                                 dtype=self.dtype or self.param_dtype)
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -88,12 +105,20 @@ class Conv(nn.Conv):
                 if self.use_bias else None)
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         strides = _pair(self.strides)
+        padding = self._pads(inputs.shape, strides)
+        if impl == "winograd_cpu" and inputs.dtype == jnp.float32:
+            y = winograd_cpu.conv3x3(inputs, transformed_kernel(kernel))
+        else:
+            conv = conv_patches if impl == "patches" else conv_winograd
+            y = conv(inputs, kernel, strides, padding, self.precision)
+        return y if bias is None else y + bias
+
+    def _pads(self, input_shape, strides) -> tuple[tuple[int, int], ...]:
+        """Explicit (low, high) padding pairs for H and W."""
         padding = canonicalize_padding(self.padding, 2)
         if isinstance(padding, str):
-            padding = lax.padtype_to_pads(inputs.shape[1:3], kernel_shape[:2], strides, padding)
-        conv = conv_winograd if impl == "winograd" else conv_patches
-        y = conv(inputs, kernel, strides, padding, self.precision)
-        return y if bias is None else y + bias
+            padding = lax.padtype_to_pads(input_shape[1:3], self._kernel_size(), strides, padding)
+        return tuple(map(tuple, padding))
 
     def _kernel_shape(self, input_shape) -> tuple[int, ...]:
         return (*self._kernel_size(), input_shape[-1], self.features)

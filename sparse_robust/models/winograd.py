@@ -86,9 +86,23 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     if not serves(kernel.shape, strides):
         raise ValueError(f"conv_winograd serves 3x3 kernels with stride 1, not kernel "
                          f"{tuple(kernel.shape[:2])} with strides {tuple(strides)}")
-    bt, g, at = TRANSFORMS[tile]
+    return conv_transformed(x, transformed_kernel(kernel, tile), padding, precision, tile)
+
+
+def transformed_kernel(kernel: jax.Array, tile: int = 2) -> jax.Array:
+    """U = G g G^T of a 3x3 HWIO `kernel`, as [(tile+2)^2, cin, cout] (tile positions row-major)."""
+    g = TRANSFORMS[tile][1].astype(np.float32)
+    alpha = g.shape[0]
+    return jnp.einsum("ai,ijco,bj->abco", g, kernel, g, precision=lax.Precision.HIGHEST
+                      ).reshape(alpha * alpha, *kernel.shape[2:])
+
+
+def conv_transformed(x: jax.Array, u: jax.Array, padding: Sequence[tuple[int, int]],
+                     precision=None, tile: int = 2) -> jax.Array:
+    """`conv_winograd` given the transformed kernel `u = transformed_kernel(kernel, tile)`."""
+    bt, _, at = TRANSFORMS[tile]
     alpha, m = bt.shape[0], tile
-    cin, cout = kernel.shape[2:]
+    cin, cout = u.shape[1:]
     ((top, bottom), (left, right)) = padding
     n, height, width, _ = x.shape
     out_h, out_w = height + top + bottom - 2, width + left + right - 2
@@ -106,8 +120,6 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     # V[xi][nu]: (N * tiles_h * tiles_w, cin), B^T d B at tile position (xi, nu) of every tile.
     v = [t.reshape(-1, cin) for r in transform(x, bt, 1, tiles_h)
          for t in transform(r, bt, 2, tiles_w)]
-    u = jnp.einsum("ai,ijco,bj->abco", g.astype(np.float32), kernel, g.astype(np.float32),
-                   precision=lax.Precision.HIGHEST).reshape(alpha * alpha, cin, cout)
     # One matmul per tile position, on separate operands: XLA:CPU's concatenations are slow.
     prod = [jnp.matmul(v[p], u[p].astype(v[p].dtype), precision=precision)
             for p in range(alpha * alpha)]

@@ -29,6 +29,7 @@ from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
 from sparse_robust import pruning
 from sparse_robust import training
+from sparse_robust.models import winograd_cpu
 from sparse_robust.runs import hosts
 from sparse_robust.runs import schema
 from sparse_robust.runs.errors import ConfigError
@@ -227,7 +228,10 @@ def describe_compute(ctx: "Context") -> str:
         return ""
     layers = ", ".join(f"{name} {impl}" for name, impl in ctx.conv_impls.items())
     loop = "lax.scan" if ctx.scan else "one jitted call per step"
-    return f"convolutions on {jax.default_backend()}: {layers}; train loop: {loop}"
+    line = f"convolutions on {jax.default_backend()}: {layers}; train loop: {loop}"
+    missing = (jax.default_backend() == "cpu" and "winograd" in ctx.conv_impls.values()
+               and winograd_cpu.unavailable_reason())
+    return f"{line} (no winograd_cpu kernel: {missing})" if missing else line
 
 
 def load_data(config) -> data_lib.Dataset:

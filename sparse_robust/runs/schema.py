@@ -53,8 +53,9 @@ FIELDS: tuple[Field, ...] = (
     field("model.width_multiplier", number(0, low_open=True), "Scales every hidden width."),
     field("model.conv_impl", choice(models_lib.CONV_IMPLS),
           "How convolutions run: xla, patches (one matmul over patches), winograd (3x3 stride "
-          "1), or auto (on CPU winograd where it serves >= 16 input channels, else patches; xla "
-          "on GPU/TPU)."),
+          "1, in XLA ops), winograd_cpu (the same as one fused CPU kernel, built on first use), "
+          "or auto (on CPU winograd_cpu, else winograd, where they serve >= 16 input channels, "
+          "else patches; xla on GPU/TPU)."),
     field("train.optimizer", choice(OPTIMIZERS), "Optimizer (a fresh one at every level)."),
     field("train.learning_rate", number(0, low_open=True), "Learning rate."),
     field("train.weight_decay", number(0), "Weight decay (adamw, sgd)."),

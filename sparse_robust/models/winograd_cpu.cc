@@ -1,0 +1,208 @@
+// Winograd F(2x2, 3x3) convolution as one fused CPU kernel, for the "winograd_cpu" path of
+// sparse_robust.models.Conv (see winograd_cpu.py, which builds and loads this file).
+//
+// y[..., n, h, w, co] = sum_{i, j, ci} x[..., n, h + i - 1, w + j - 1, ci] * g[i, j, ci, co]
+// (3x3 kernel, stride 1, one pixel of zero padding on each side), given u = G g G^T as
+// [..., 16, ci, co]. Leading dimensions of x and u are a batch (vmap) and must agree.
+//
+// XLA runs Winograd's input transform, its 16 matmuls and its output transform as separate
+// passes over whole activations. Here they run per block of kBlock tiles, while the block's
+// transformed inputs (16 x kBlock x ci floats) and products stay in the core's cache; blocks are
+// shared out over XLA's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16 floats; GCC and Clang lower it to the widest vectors the target has.
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
+constexpr int kRows = 8;    // tiles per micro-kernel call
+constexpr int kCols = 32;   // output channels per micro-kernel call
+constexpr int kBlock = 32;  // tiles per block (a multiple of kRows)
+
+// c[kRows][width] = a[kRows][k] @ b[k][width] for width 32 or 16; lda, ldb, ldc in floats.
+template <int kVectors>
+inline void micro_kernel(const float* a, int lda, const float* b, int ldb, float* c, int ldc,
+                         int k) {
+  v16 acc[kRows][kVectors];
+  for (int i = 0; i < kRows; ++i)
+    for (int v = 0; v < kVectors; ++v) acc[i][v] = (v16){};
+  for (int p = 0; p < k; ++p) {
+    v16 row[kVectors];
+    for (int v = 0; v < kVectors; ++v) row[v] = load16(b + p * ldb + 16 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      v16 broadcast = (v16){} + a[i * lda + p];
+      for (int v = 0; v < kVectors; ++v) acc[i][v] += broadcast * row[v];
+    }
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int v = 0; v < kVectors; ++v) store16(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+struct Shape {
+  int64_t h, w, cin, cout, tiles_h, tiles_w, tiles;  // tiles: of the whole batch n
+};
+
+// Tiles [t0, t1) of one image batch x [n, h, w, cin] into y [n, h, w, cout], u [16, cin, cout].
+// v and m are per-thread scratch: v [16][kBlock][cin], m [16][kBlock][kCols].
+void run_block(const Shape& s, const float* x, const float* u, float* y, int64_t t0, int64_t t1,
+               float* v, float* m, const float* zeros) {
+  const int cin = int(s.cin), cout = int(s.cout);
+  const int rows = int(t1 - t0);
+  const int padded_rows = (rows + kRows - 1) / kRows * kRows;
+  const int64_t v_stride = int64_t(kBlock) * cin;  // between tile positions in v
+  const int m_stride = kBlock * kCols;              // between tile positions in m
+  // Input transform V = B^T d B, with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
+  // [0, 1, 0, -1]]; rows past the last tile are zeros.
+  for (int r = 0; r < padded_rows; ++r) {
+    float* vt = v + int64_t(r) * cin;
+    if (r >= rows) {
+      for (int q = 0; q < 16; ++q) std::memset(vt + q * v_stride, 0, cin * sizeof(float));
+      continue;
+    }
+    const int64_t t = t0 + r, image = t / (s.tiles_h * s.tiles_w), rest = t % (s.tiles_h * s.tiles_w);
+    const int64_t top = 2 * (rest / s.tiles_w) - 1, left = 2 * (rest % s.tiles_w) - 1;
+    const float* d[4][4];
+    for (int a = 0; a < 4; ++a)
+      for (int b = 0; b < 4; ++b) {
+        const int64_t i = top + a, j = left + b;
+        d[a][b] = (i >= 0 && i < s.h && j >= 0 && j < s.w)
+                      ? x + ((image * s.h + i) * s.w + j) * cin : zeros;
+      }
+    for (int c = 0; c < cin; c += 16) {
+      v16 e[4][4];
+      for (int b = 0; b < 4; ++b) {
+        const v16 d0 = load16(d[0][b] + c), d1 = load16(d[1][b] + c);
+        const v16 d2 = load16(d[2][b] + c), d3 = load16(d[3][b] + c);
+        e[0][b] = d0 - d2; e[1][b] = d1 + d2; e[2][b] = d2 - d1; e[3][b] = d1 - d3;
+      }
+      for (int a = 0; a < 4; ++a) {
+        const v16 e0 = e[a][0], e1 = e[a][1], e2 = e[a][2], e3 = e[a][3];
+        store16(vt + (a * 4 + 0) * v_stride + c, e0 - e2);
+        store16(vt + (a * 4 + 1) * v_stride + c, e1 + e2);
+        store16(vt + (a * 4 + 2) * v_stride + c, e2 - e1);
+        store16(vt + (a * 4 + 3) * v_stride + c, e1 - e3);
+      }
+    }
+  }
+  // Per kCols output channels: M = V U at each of the 16 tile positions, then the output
+  // transform Y = A^T M A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], cropped to the image.
+  for (int c0 = 0; c0 < cout; c0 += kCols) {
+    const int width = std::min(kCols, cout - c0);
+    for (int q = 0; q < 16; ++q) {
+      const float* vq = v + q * v_stride;
+      const float* uq = u + int64_t(q) * cin * cout + c0;
+      float* mq = m + q * m_stride;
+      for (int i = 0; i < padded_rows; i += kRows) {
+        if (width == kCols) micro_kernel<2>(vq + i * cin, cin, uq, cout, mq + i * kCols, kCols, cin);
+        else micro_kernel<1>(vq + i * cin, cin, uq, cout, mq + i * kCols, kCols, cin);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r, image = t / (s.tiles_h * s.tiles_w), rest = t % (s.tiles_h * s.tiles_w);
+      const int64_t top = 2 * (rest / s.tiles_w), left = 2 * (rest % s.tiles_w);
+      const float* mt = m + r * kCols;
+      float* out[2][2];
+      bool inside[2][2];
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b) {
+          inside[a][b] = top + a < s.h && left + b < s.w;
+          out[a][b] = y + ((image * s.h + top + a) * s.w + left + b) * cout + c0;
+        }
+      for (int c = 0; c < width; c += 16) {
+        v16 g[2][4];
+        for (int b = 0; b < 4; ++b) {
+          const v16 m0 = load16(mt + (0 * 4 + b) * m_stride + c), m1 = load16(mt + (4 + b) * m_stride + c);
+          const v16 m2 = load16(mt + (8 + b) * m_stride + c), m3 = load16(mt + (12 + b) * m_stride + c);
+          g[0][b] = m0 + m1 + m2; g[1][b] = m1 - m2 - m3;
+        }
+        for (int a = 0; a < 2; ++a) {
+          if (inside[a][0]) store16(out[a][0] + c, g[a][0] + g[a][1] + g[a][2]);
+          if (inside[a][1]) store16(out[a][1] + c, g[a][1] - g[a][2] - g[a][3]);
+        }
+      }
+    }
+  }
+}
+
+// Blocks are claimed from a shared counter by the calling thread and by helpers on XLA's pool.
+// The caller waits only for helpers that claimed work (`active` counts them from before their
+// first claim), so a helper the busy pool never starts cannot stall it.
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int> active{0};
+  std::mutex mu;
+  std::condition_variable done;
+};
+
+ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), ud = u.dimensions();
+  const size_t xr = xd.size(), ur = ud.size();
+  if (xr < 4 || ur < 3 || xr - 4 != ur - 3)
+    return ffi::Error::InvalidArgument("winograd_cpu: x must be [..., n, h, w, cin] and u "
+                                       "[..., 16, cin, cout] with the same leading dimensions");
+  Shape s;
+  const int64_t n = xd[xr - 4];
+  s.h = xd[xr - 3]; s.w = xd[xr - 2]; s.cin = xd[xr - 1]; s.cout = ud[ur - 1];
+  if (ud[ur - 3] != 16 || ud[ur - 2] != s.cin || s.cin % 16 != 0 || s.cout % 16 != 0)
+    return ffi::Error::InvalidArgument("winograd_cpu: u must be [..., 16, cin, cout] with cin and "
+                                       "cout multiples of 16");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 4 < xr; ++i) batch *= xd[i];
+  s.tiles_h = (s.h + 1) / 2; s.tiles_w = (s.w + 1) / 2;
+  s.tiles = n * s.tiles_h * s.tiles_w;
+  const int64_t blocks_per_item = (s.tiles + kBlock - 1) / kBlock, blocks = batch * blocks_per_item;
+  const int64_t x_size = n * s.h * s.w * s.cin, y_size = n * s.h * s.w * s.cout;
+  const int64_t u_size = 16 * s.cin * s.cout;
+  const float* xp = x.typed_data();
+  const float* up = u.typed_data();
+  float* yp = y->typed_data();
+
+  auto progress = std::make_shared<Progress>();
+  auto work = [=](Progress* pr) {
+    std::vector<float> v(16 * kBlock * s.cin), m(16 * kBlock * kCols), zeros(s.cin, 0.f);
+    for (int64_t block; (block = pr->next.fetch_add(1)) < blocks;) {
+      const int64_t item = block / blocks_per_item, t0 = (block % blocks_per_item) * kBlock;
+      run_block(s, xp + item * x_size, up + item * u_size, yp + item * y_size, t0,
+                std::min(t0 + kBlock, s.tiles), v.data(), m.data(), zeros.data());
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([progress, work] {
+      progress->active.fetch_add(1);
+      work(progress.get());
+      std::lock_guard<std::mutex> lock(progress->mu);
+      if (progress->active.fetch_sub(1) == 1) progress->done.notify_all();
+    });
+  }
+  work(progress.get());
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->done.wait(lock, [&] { return progress->active.load() == 0; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseRobustWinogradConv, WinogradConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
