@@ -7,6 +7,7 @@ CIFAR-10). Nothing is ever downloaded unless the caller passes `download=True`.
 import dataclasses
 import functools
 import gzip
+import logging
 import importlib.util
 import os
 import zlib
@@ -292,14 +293,17 @@ def _load_tfds(name, data_dir, download):
     import tensorflow_datasets as tfds  # slow import: only for this source
 
     # tfds logs a warning for each version folder it finds without metadata; the DataError
-    # below says in one line what is missing and how to get it.
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    # below says in one line what is missing and how to get it. The absl logger's own level is
+    # restored as it was (usually unset): restoring absl's verbosity would pin it at WARNING and
+    # hide every later INFO record from handlers set below it.
+    absl_logger = absl_logging.get_absl_logger()
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         prepared = builder.is_prepared()
     finally:
-        absl_logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
     if not prepared:
         if not download:
             raise DataError(

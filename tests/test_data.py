@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from PIL import Image
 
 from sparse_robust import data
@@ -244,10 +245,13 @@ def test_missing_data_gives_instructions_without_download(tmp_path, forbid_downl
 def test_missing_tfds_data_is_one_error_and_no_tfds_warning(tmp_path, forbid_download, caplog):
     """A version folder without metadata makes tfds log a warning; the DataError alone speaks."""
     (tmp_path / "fashion_mnist" / "3.0.1").mkdir(parents=True)
+    absl_level = absl_logging.get_absl_logger().level
     with caplog.at_level(logging.WARNING), pytest.raises(data.DataError, match="not prepared"):
         data.load_dataset("fashion_mnist", source="tfds", data_dir=str(tmp_path))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not forbid_download
+    # The quieting is undone: later INFO records (robustness sanity checks) still reach caplog.
+    assert absl_logging.get_absl_logger().level == absl_level
 
 
 def test_download_without_tensorflow_fails_before_downloading(
