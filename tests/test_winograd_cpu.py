@@ -51,10 +51,16 @@ def test_the_kernel_builds_here():
     assert winograd_cpu.unavailable_reason() is None
 
 
-def test_it_runs_as_the_kernel_on_cpu():
+def test_it_runs_as_the_kernels_on_cpu():
+    """Forward, input gradient and kernel gradient are FFI calls, not the XLA-ops lowering."""
     x, kernel = _inputs(*SHAPES[0])
-    hlo = jax.jit(_fused).lower(x, kernel).as_text()
-    assert "sparse_robust_winograd_conv3x3" in hlo  # the FFI call, not the XLA-ops lowering
+    hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(_fused(x, k) ** 2), (0, 1))).lower(x, kernel)
+    calls = [line for line in hlo.as_text().splitlines() if "stablehlo.custom_call" in line]
+    assert sum("sparse_robust_winograd_conv3x3" in line for line in calls) == 2
+    assert sum("sparse_robust_winograd_kernel_grad" in line for line in calls) == 1
+    # The only other products are G g G^T and its transpose, with the 4x3 matrix G.
+    dots = [line for line in hlo.as_text().splitlines() if "dot_general" in line]
+    assert dots and all("tensor<4x3xf32>" in line for line in dots)
 
 
 @pytest.mark.parametrize("shape, cout", SHAPES)
@@ -66,6 +72,16 @@ def test_forward_and_gradients_match_xla(shape, cout):
     want = jax.grad(loss(_xla), (0, 1))(x, kernel)
     for g, w in zip(got, want):
         _close(g, w)
+
+
+def test_same_inputs_same_bits():
+    """Blocks go to whichever thread is free, but each sum runs in one fixed order."""
+    x, kernel = _inputs((8, 14, 14, 64), 64)
+    fn = jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(_fused(x, k))), (0, 1)))
+    first = jax.tree_util.tree_leaves(fn(x, kernel))
+    for _ in range(3):
+        for a, b in zip(first, jax.tree_util.tree_leaves(fn(x, kernel))):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_forward_mode_second_order_and_linear_transpose():
@@ -82,6 +98,23 @@ def test_forward_mode_second_order_and_linear_transpose():
     y = _xla(x, kernel)
     transpose = lambda conv: jax.linear_transpose(lambda x: conv(x, kernel), x)(y)[0]
     _close(transpose(_fused), transpose(_xla))
+
+
+@pytest.mark.parametrize("shape, cout", SHAPES[:3])
+def test_kernel_grad_is_the_transpose_in_the_transformed_kernel(shape, cout):
+    x, kernel = _inputs(shape, cout)
+    dy = jax.random.normal(jax.random.key(7), shape[:-1] + (cout,))
+    u = transformed_kernel(kernel)
+    want = jax.linear_transpose(lambda u: winograd_cpu._reference_conv(x, u), u)(dy)[0]
+    _close(jax.jit(winograd_cpu.kernel_grad)(x, dy), want)
+    # Its own transposes (second-order derivatives) are the convolution's.
+    w = jax.random.normal(jax.random.key(8), u.shape)
+    _close(jax.linear_transpose(lambda dy: winograd_cpu.kernel_grad(x, dy), dy)(w)[0],
+           winograd_cpu._reference_conv(x, w))
+    # Stacked trials: one kernel gradient per item.
+    xs, dys = jnp.stack([x, -x]), jnp.stack([dy, 2 * dy])
+    got = jax.vmap(winograd_cpu.kernel_grad)(xs, dys)
+    _close(got[1], -2 * want)
 
 
 def test_flipped_kernel_is_the_transform_of_the_flipped_kernel():

@@ -1,9 +1,12 @@
 // Winograd F(2x2, 3x3) convolution as one fused CPU kernel, for the "winograd_cpu" path of
 // sparse_robust.models.Conv (see winograd_cpu.py, which builds and loads this file).
 //
-// y[..., n, h, w, co] = sum_{i, j, ci} x[..., n, h + i - 1, w + j - 1, ci] * g[i, j, ci, co]
-// (3x3 kernel, stride 1, one pixel of zero padding on each side), given u = G g G^T as
-// [..., 16, ci, co]. Leading dimensions of x and u are a batch (vmap) and must agree.
+// SparseRobustWinogradConv: y[..., n, h, w, co] = sum_{i, j, ci} x[..., n, h + i - 1, w + j - 1,
+// ci] * g[i, j, ci, co] (3x3 kernel, stride 1, one pixel of zero padding on each side), given
+// u = G g G^T as [..., 16, ci, co].
+// SparseRobustWinogradKernelGrad: its transpose in u, du[..., 16, ci, co] from x and a
+// cotangent dy [..., n, h, w, co].
+// Leading dimensions are a batch (vmap) and must agree.
 //
 // XLA runs Winograd's input transform, its 16 matmuls and its output transform as separate
 // passes over whole activations. Here they run per block of kBlock tiles, while the block's
@@ -34,19 +37,20 @@ constexpr int kRows = 8;    // tiles per micro-kernel call
 constexpr int kCols = 32;   // output channels per micro-kernel call
 constexpr int kBlock = 32;  // tiles per block (a multiple of kRows)
 
-// c[kRows][width] = a[kRows][k] @ b[k][width] for width 32 or 16; lda, ldb, ldc in floats.
-template <int kVectors>
-inline void micro_kernel(const float* a, int lda, const float* b, int ldb, float* c, int ldc,
-                         int k) {
+// c[kRows][16 kVectors] (+)= sum_p a[i * a_row + p * a_k] b[p][:] for p < k: a product with
+// a or its transpose; strides in floats.
+template <int kVectors, bool kAccumulate>
+inline void micro_kernel(const float* a, int a_row, int a_k, const float* b, int ldb, float* c,
+                         int ldc, int k) {
   v16 acc[kRows][kVectors];
   for (int i = 0; i < kRows; ++i)
-    for (int v = 0; v < kVectors; ++v) acc[i][v] = (v16){};
+    for (int v = 0; v < kVectors; ++v) acc[i][v] = kAccumulate ? load16(c + i * ldc + 16 * v) : (v16){};
   for (int p = 0; p < k; ++p) {
     v16 row[kVectors];
     for (int v = 0; v < kVectors; ++v) row[v] = load16(b + p * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) {
-      v16 broadcast = (v16){} + a[i * lda + p];
+      v16 broadcast = (v16){} + a[i * a_row + p * a_k];
       for (int v = 0; v < kVectors; ++v) acc[i][v] += broadcast * row[v];
     }
   }
@@ -58,18 +62,16 @@ struct Shape {
   int64_t h, w, cin, cout, tiles_h, tiles_w, tiles;  // tiles: of the whole batch n
 };
 
-// Tiles [t0, t1) of one image batch x [n, h, w, cin] into y [n, h, w, cout], u [16, cin, cout].
-// v and m are per-thread scratch: v [16][kBlock][cin], m [16][kBlock][kCols].
-void run_block(const Shape& s, const float* x, const float* u, float* y, int64_t t0, int64_t t1,
-               float* v, float* m, const float* zeros) {
-  const int cin = int(s.cin), cout = int(s.cout);
-  const int rows = int(t1 - t0);
-  const int padded_rows = (rows + kRows - 1) / kRows * kRows;
+int padded(int rows) { return (rows + kRows - 1) / kRows * kRows; }
+
+// Input transform V = B^T d B of tiles [t0, t0 + rows) of x [n, h, w, cin] into v [16][kBlock]
+// [cin], with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]; rows past the
+// last tile, up to a multiple of kRows, are zeros. `zeros` holds cin zeros.
+void input_transform(const Shape& s, const float* x, int64_t t0, int rows, float* v,
+                     const float* zeros) {
+  const int cin = int(s.cin);
   const int64_t v_stride = int64_t(kBlock) * cin;  // between tile positions in v
-  const int m_stride = kBlock * kCols;              // between tile positions in m
-  // Input transform V = B^T d B, with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
-  // [0, 1, 0, -1]]; rows past the last tile are zeros.
-  for (int r = 0; r < padded_rows; ++r) {
+  for (int r = 0; r < padded(rows); ++r) {
     float* vt = v + int64_t(r) * cin;
     if (r >= rows) {
       for (int q = 0; q < 16; ++q) std::memset(vt + q * v_stride, 0, cin * sizeof(float));
@@ -100,6 +102,17 @@ void run_block(const Shape& s, const float* x, const float* u, float* y, int64_t
       }
     }
   }
+}
+
+// Tiles [t0, t1) of one image batch x [n, h, w, cin] into y [n, h, w, cout], u [16, cin, cout].
+// v and m are per-thread scratch: v [16][kBlock][cin], m [16][kBlock][kCols].
+void conv_block(const Shape& s, const float* x, const float* u, float* y, int64_t t0, int64_t t1,
+                float* v, float* m, const float* zeros) {
+  const int cin = int(s.cin), cout = int(s.cout);
+  const int rows = int(t1 - t0), padded_rows = padded(rows);
+  const int64_t v_stride = int64_t(kBlock) * cin;  // between tile positions in v
+  const int m_stride = kBlock * kCols;              // between tile positions in m
+  input_transform(s, x, t0, rows, v, zeros);
   // Per kCols output channels: M = V U at each of the 16 tile positions, then the output
   // transform Y = A^T M A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], cropped to the image.
   for (int c0 = 0; c0 < cout; c0 += kCols) {
@@ -109,8 +122,10 @@ void run_block(const Shape& s, const float* x, const float* u, float* y, int64_t
       const float* uq = u + int64_t(q) * cin * cout + c0;
       float* mq = m + q * m_stride;
       for (int i = 0; i < padded_rows; i += kRows) {
-        if (width == kCols) micro_kernel<2>(vq + i * cin, cin, uq, cout, mq + i * kCols, kCols, cin);
-        else micro_kernel<1>(vq + i * cin, cin, uq, cout, mq + i * kCols, kCols, cin);
+        if (width == kCols)
+          micro_kernel<2, false>(vq + i * cin, cin, 1, uq, cout, mq + i * kCols, kCols, cin);
+        else
+          micro_kernel<1, false>(vq + i * cin, cin, 1, uq, cout, mq + i * kCols, kCols, cin);
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -140,9 +155,65 @@ void run_block(const Shape& s, const float* x, const float* u, float* y, int64_t
   }
 }
 
-// Blocks are claimed from a shared counter by the calling thread and by helpers on XLA's pool.
-// The caller waits only for helpers that claimed work (`active` counts them from before their
-// first claim), so a helper the busy pool never starts cannot stall it.
+// du [16, cin, cout] += the kernel gradient of tiles [t0, t1): sum over tiles of V^T M, with V
+// the input transform of x and M = A dY A^T the transposed output transform of each tile's 2x2
+// cotangent dy [n, h, w, cout] (zero outside the image), A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+// v [16][kBlock][cin] and m [16][kBlock][cout] are per-thread scratch.
+void kernel_grad_block(const Shape& s, const float* x, const float* dy, float* du, int64_t t0,
+                       int64_t t1, float* v, float* m, const float* zeros) {
+  const int cin = int(s.cin), cout = int(s.cout);
+  const int rows = int(t1 - t0), padded_rows = padded(rows);
+  const int64_t v_stride = int64_t(kBlock) * cin, m_stride = int64_t(kBlock) * cout;
+  input_transform(s, x, t0, rows, v, zeros);
+  for (int r = 0; r < padded_rows; ++r) {
+    float* mt = m + int64_t(r) * cout;
+    if (r >= rows) {
+      for (int q = 0; q < 16; ++q) std::memset(mt + q * m_stride, 0, cout * sizeof(float));
+      continue;
+    }
+    const int64_t t = t0 + r, image = t / (s.tiles_h * s.tiles_w), rest = t % (s.tiles_h * s.tiles_w);
+    const int64_t top = 2 * (rest / s.tiles_w), left = 2 * (rest % s.tiles_w);
+    const float* g[2][2];
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b)
+        g[a][b] = top + a < s.h && left + b < s.w
+                      ? dy + ((image * s.h + top + a) * s.w + left + b) * cout : zeros;
+    for (int c = 0; c < cout; c += 16) {
+      v16 e[4][2];  // A dY: rows
+      for (int b = 0; b < 2; ++b) {
+        const v16 g0 = load16(g[0][b] + c), g1 = load16(g[1][b] + c);
+        e[0][b] = g0; e[1][b] = g0 + g1; e[2][b] = g0 - g1; e[3][b] = -g1;
+      }
+      for (int a = 0; a < 4; ++a) {  // (A dY) A^T: columns
+        store16(mt + (a * 4 + 0) * m_stride + c, e[a][0]);
+        store16(mt + (a * 4 + 1) * m_stride + c, e[a][0] + e[a][1]);
+        store16(mt + (a * 4 + 2) * m_stride + c, e[a][0] - e[a][1]);
+        store16(mt + (a * 4 + 3) * m_stride + c, -e[a][1]);
+      }
+    }
+  }
+  for (int q = 0; q < 16; ++q)
+    for (int i = 0; i < cin; i += kRows)
+      for (int c0 = 0; c0 < cout; c0 += kCols) {
+        const float* a = v + q * v_stride + i;
+        const float* b = m + q * m_stride + c0;
+        float* c = du + (int64_t(q) * cin + i) * cout + c0;
+        if (cout - c0 >= kCols) micro_kernel<2, true>(a, 1, cin, b, cout, c, cout, padded_rows);
+        else micro_kernel<1, true>(a, 1, cin, b, cout, c, cout, padded_rows);
+      }
+}
+
+// Per-thread scratch of either kernel: v [16][kBlock][cin], m [16][kBlock][max(cout, kCols)].
+struct Scratch {
+  std::vector<float> v, m, zeros;
+  explicit Scratch(const Shape& s)
+      : v(16 * kBlock * s.cin), m(16 * kBlock * std::max<int64_t>(s.cout, kCols)),
+        zeros(std::max(s.cin, s.cout), 0.f) {}
+};
+
+// Work items are claimed from a shared counter by the calling thread and by helpers on XLA's
+// pool. The caller waits only for helpers that claimed work (`active` counts them from before
+// their first claim), so a helper the busy pool never starts cannot stall it.
 struct Progress {
   std::atomic<int64_t> next{0};
   std::atomic<int> active{0};
@@ -150,40 +221,19 @@ struct Progress {
   std::condition_variable done;
 };
 
-ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), ud = u.dimensions();
-  const size_t xr = xd.size(), ur = ud.size();
-  if (xr < 4 || ur < 3 || xr - 4 != ur - 3)
-    return ffi::Error::InvalidArgument("winograd_cpu: x must be [..., n, h, w, cin] and u "
-                                       "[..., 16, cin, cout] with the same leading dimensions");
-  Shape s;
-  const int64_t n = xd[xr - 4];
-  s.h = xd[xr - 3]; s.w = xd[xr - 2]; s.cin = xd[xr - 1]; s.cout = ud[ur - 1];
-  if (ud[ur - 3] != 16 || ud[ur - 2] != s.cin || s.cin % 16 != 0 || s.cout % 16 != 0)
-    return ffi::Error::InvalidArgument("winograd_cpu: u must be [..., 16, cin, cout] with cin and "
-                                       "cout multiples of 16");
-  int64_t batch = 1;
-  for (size_t i = 0; i + 4 < xr; ++i) batch *= xd[i];
-  s.tiles_h = (s.h + 1) / 2; s.tiles_w = (s.w + 1) / 2;
-  s.tiles = n * s.tiles_h * s.tiles_w;
-  const int64_t blocks_per_item = (s.tiles + kBlock - 1) / kBlock, blocks = batch * blocks_per_item;
-  const int64_t x_size = n * s.h * s.w * s.cin, y_size = n * s.h * s.w * s.cout;
-  const int64_t u_size = 16 * s.cin * s.cout;
-  const float* xp = x.typed_data();
-  const float* up = u.typed_data();
-  float* yp = y->typed_data();
-
+// Runs body(i, scratch) for every i in [0, count), each exactly once, on up to the pool's
+// number of threads.
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, const Shape& s, int64_t count, Body body) {
   auto progress = std::make_shared<Progress>();
   auto work = [=](Progress* pr) {
-    std::vector<float> v(16 * kBlock * s.cin), m(16 * kBlock * kCols), zeros(s.cin, 0.f);
-    for (int64_t block; (block = pr->next.fetch_add(1)) < blocks;) {
-      const int64_t item = block / blocks_per_item, t0 = (block % blocks_per_item) * kBlock;
-      run_block(s, xp + item * x_size, up + item * u_size, yp + item * y_size, t0,
-                std::min(t0 + kBlock, s.tiles), v.data(), m.data(), zeros.data());
+    std::unique_ptr<Scratch> scratch;
+    for (int64_t i; (i = pr->next.fetch_add(1)) < count;) {
+      if (!scratch) scratch = std::make_unique<Scratch>(s);
+      body(i, *scratch);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([progress, work] {
       progress->active.fetch_add(1);
@@ -195,12 +245,110 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   work(progress.get());
   std::unique_lock<std::mutex> lock(progress->mu);
   progress->done.wait(lock, [&] { return progress->active.load() == 0; });
+}
+
+// The shape of x [..., n, h, w, cin] with cout output channels, and the batch of leading
+// dimensions; an error if the operands do not fit.
+ffi::Error read_shape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud, int64_t cout,
+                      int64_t leading, Shape& s, int64_t& batch) {
+  const size_t xr = xd.size();
+  if (xr < 4 || int64_t(xr) - 4 != leading)
+    return ffi::Error::InvalidArgument("winograd_cpu: operands must be [..., n, h, w, c] and "
+                                       "[..., 16, cin, cout] with the same leading dimensions");
+  s.h = xd[xr - 3]; s.w = xd[xr - 2]; s.cin = xd[xr - 1]; s.cout = cout;
+  if (ud[ud.size() - 3] != 16 || ud[ud.size() - 2] != s.cin || s.cin % 16 != 0 || s.cout % 16 != 0)
+    return ffi::Error::InvalidArgument("winograd_cpu: the transformed kernel must be [..., 16, "
+                                       "cin, cout] with cin and cout multiples of 16");
+  batch = 1;
+  for (size_t i = 0; i + 4 < xr; ++i) batch *= xd[i];
+  s.tiles_h = (s.h + 1) / 2; s.tiles_w = (s.w + 1) / 2;
+  s.tiles = xd[xr - 4] * s.tiles_h * s.tiles_w;
+  return ffi::Error::Success();
+}
+
+ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  Shape s;
+  int64_t batch;
+  const auto ud = u.dimensions();
+  if (ud.size() < 3)
+    return ffi::Error::InvalidArgument("winograd_cpu: u must be [..., 16, cin, cout]");
+  ffi::Error error = read_shape(x.dimensions(), ud, ud[ud.size() - 1], int64_t(ud.size()) - 3, s,
+                                batch);
+  if (error.failure()) return error;
+  const int64_t blocks_per_item = (s.tiles + kBlock - 1) / kBlock;
+  const int64_t x_size = x.element_count() / batch, y_size = y->element_count() / batch;
+  const int64_t u_size = 16 * s.cin * s.cout;
+  const float* xp = x.typed_data();
+  const float* up = u.typed_data();
+  float* yp = y->typed_data();
+  parallel_for(pool, s, batch * blocks_per_item, [=](int64_t block, Scratch& scratch) {
+    const int64_t item = block / blocks_per_item, t0 = (block % blocks_per_item) * kBlock;
+    conv_block(s, xp + item * x_size, up + item * u_size, yp + item * y_size, t0,
+               std::min(t0 + kBlock, s.tiles), scratch.v.data(), scratch.m.data(),
+               scratch.zeros.data());
+  });
+  return ffi::Error::Success();
+}
+
+// Each item's tiles are cut into a fixed number of parts (the pool's threads), each part summed
+// in tile order into its own buffer and the parts added in order: the same bits on every run,
+// whichever thread takes which part.
+ffi::Error WinogradKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> du) {
+  Shape s;
+  int64_t batch;
+  const auto dd = du->dimensions(), yd = dy.dimensions();
+  if (dd.size() < 3 || yd.size() != x.dimensions().size())
+    return ffi::Error::InvalidArgument("winograd_cpu: du must be [..., 16, cin, cout] and dy "
+                                       "shaped like x");
+  ffi::Error error = read_shape(x.dimensions(), dd, dd[dd.size() - 1], int64_t(dd.size()) - 3, s,
+                                batch);
+  if (error.failure()) return error;
+  for (size_t i = 0; i + 1 < yd.size(); ++i)
+    if (yd[i] != x.dimensions()[i] || yd[yd.size() - 1] != s.cout)
+      return ffi::Error::InvalidArgument("winograd_cpu: dy must be [..., n, h, w, cout] like x");
+  const int64_t blocks_per_item = (s.tiles + kBlock - 1) / kBlock;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks_per_item));
+  const int64_t x_size = x.element_count() / batch, y_size = dy.element_count() / batch;
+  const int64_t u_size = 16 * s.cin * s.cout;
+  const float* xp = x.typed_data();
+  const float* yp = dy.typed_data();
+  float* dup = du->typed_data();
+  // Part 0 of each item sums into du itself, the others into `partial`.
+  std::vector<float> partial(batch * (parts - 1) * u_size);
+  float* pp = partial.data();
+  parallel_for(pool, s, batch * parts, [=](int64_t unit, Scratch& scratch) {
+    const int64_t item = unit / parts, part = unit % parts;
+    float* sum = part == 0 ? dup + item * u_size : pp + (item * (parts - 1) + part - 1) * u_size;
+    std::fill(sum, sum + u_size, 0.f);
+    for (int64_t block = blocks_per_item * part / parts;
+         block < blocks_per_item * (part + 1) / parts; ++block) {
+      const int64_t t0 = block * kBlock;
+      kernel_grad_block(s, xp + item * x_size, yp + item * y_size, sum, t0,
+                        std::min(t0 + kBlock, s.tiles), scratch.v.data(), scratch.m.data(),
+                        scratch.zeros.data());
+    }
+  });
+  for (int64_t item = 0; item < batch; ++item)
+    for (int64_t part = 1; part < parts; ++part) {
+      const float* add = pp + (item * (parts - 1) + part - 1) * u_size;
+      float* sum = dup + item * u_size;
+      for (int64_t i = 0; i < u_size; ++i) sum[i] += add[i];
+    }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseRobustWinogradConv, WinogradConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseRobustWinogradKernelGrad, WinogradKernelGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

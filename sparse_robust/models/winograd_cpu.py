@@ -4,7 +4,8 @@
 transform, 16 matmuls and output transform as separate passes over whole activations: in a
 conv-4 PGD step about half the op time was those passes, not the multiplications
 (benchmarks/README.md). `winograd_cpu.cc` runs all three per block of 32 tiles while the block
-is in cache, over XLA's intra-op thread pool, through XLA's FFI.
+is in cache, over XLA's intra-op thread pool, through XLA's FFI; a second kernel does the same
+for the kernel gradient (transformed inputs times transformed cotangents, summed over tiles).
 
 The kernel is C++ built on first use with the machine's C++ compiler (`$CXX`, else `c++`),
 against this jaxlib's FFI headers and for this CPU (`-march=native`), and cached in
@@ -13,14 +14,15 @@ the CPU, so a shared home directory never serves one machine's build to another.
 be built (no compiler, another platform) `available()` is False, `unavailable_reason()` says why,
 and `Conv` runs "winograd" instead.
 
-`conv3x3(x, u)` is a JAX primitive bilinear in the input and the transformed kernel
-`u = winograd.transformed_kernel(kernel)`, so every transformation works: forward and reverse
-mode to any order, `jax.linear_transpose`, `vmap` (leading dimensions of `x` and `u` are a batch
-the kernel loops over), `jit`, `scan`. Its transpose in `x` is the same kernel with the kernel
-flipped (a permutation of `u`'s tile positions) and its channels swapped; its transpose in `u` is
-that of `winograd.conv_transformed`, which is also what it lowers to off CPU. It serves 3x3
-kernels with stride 1, one pixel of zero padding (SAME) and float32 channel counts that are
-multiples of 16 (`serves`).
+`conv3x3(x, u)` and `kernel_grad(x, dy)` are JAX primitives, each bilinear in its two operands
+(`u = winograd.transformed_kernel(kernel)`), so every transformation works: forward and reverse
+mode to any order, `jax.linear_transpose`, `vmap` (leading dimensions are a batch the kernels
+loop over), `jit`, `scan`. conv3x3's transpose in `x` is conv3x3 with the kernel flipped (a
+permutation of `u`'s tile positions) and its channels swapped, its transpose in `u` is
+kernel_grad, and kernel_grad's transposes are conv3x3s. Off CPU, or before the kernels are
+built, they lower to `winograd.conv_transformed` and its transpose. They serve 3x3 kernels with
+stride 1, one pixel of zero padding (SAME) and float32 channel counts that are multiples of 16
+(`serves`). Same inputs, same bits: every sum runs in a fixed order whichever thread runs it.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ from jax.interpreters import ad, batching, mlir
 from sparse_robust.models.winograd import conv_transformed
 
 SOURCE = Path(__file__).with_name("winograd_cpu.cc")
-_SYMBOL = "SparseRobustWinogradConv"
-_TARGET = "sparse_robust_winograd_conv3x3"
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 PADDING = ((1, 1), (1, 1))
 # Flipping a 3x3 kernel reverses its taps; in G g G^T that swaps rows 0 and 3 of each axis.
@@ -127,9 +127,11 @@ def _load() -> str | None:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return f"building the kernel failed: {error}"
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)),
-                                platform="cpu")
-    mlir.register_lowering(conv3x3_p, jax.ffi.ffi_lowering(_TARGET), platform="cpu")
+    for primitive, symbol in ((conv3x3_p, "SparseRobustWinogradConv"),
+                              (kernel_grad_p, "SparseRobustWinogradKernelGrad")):
+        jax.ffi.register_ffi_target(primitive.name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+        mlir.register_lowering(primitive, jax.ffi.ffi_lowering(primitive.name), platform="cpu")
     return None
 
 
@@ -140,7 +142,14 @@ def conv3x3(x: jax.Array, u: jax.Array) -> jax.Array:
     return conv3x3_p.bind(x, u)
 
 
-def _abstract_eval(x, u):
+def kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """`conv3x3`'s transpose in `u`: the cotangent [..., 16, cin, cout] of the transformed kernel,
+    given the input `x` [..., n, h, w, cin] and the output's cotangent `dy` [..., n, h, w, cout]."""
+    _load()
+    return kernel_grad_p.bind(x, dy)
+
+
+def _conv_abstract_eval(x, u):
     if x.ndim < 4 or u.ndim != x.ndim - 1 or x.shape[:-4] != u.shape[:-3]:
         raise ValueError(f"conv3x3 takes x [..., n, h, w, cin] and u [..., 16, cin, cout] with "
                          f"the same leading dimensions, not {x.shape} and {u.shape}")
@@ -150,12 +159,25 @@ def _abstract_eval(x, u):
     return jax.core.ShapedArray(x.shape[:-1] + u.shape[-1:], x.dtype)
 
 
-def _reference(x, u):
-    """The same function in XLA ops (winograd.conv_transformed), over any leading dimensions."""
+def _kernel_grad_abstract_eval(x, dy):
+    if x.ndim < 4 or dy.shape[:-1] != x.shape[:-1] or x.dtype != dy.dtype:
+        raise ValueError(f"kernel_grad takes x [..., n, h, w, cin] and dy [..., n, h, w, cout] "
+                         f"of one dtype, not {x.shape} {x.dtype} and {dy.shape} {dy.dtype}")
+    return jax.core.ShapedArray(x.shape[:-4] + (16, x.shape[-1], dy.shape[-1]), x.dtype)
+
+
+def _reference_conv(x, u):
+    """conv3x3 in XLA ops (winograd.conv_transformed), over any leading dimensions."""
     fn = functools.partial(conv_transformed, padding=PADDING)
     for _ in range(x.ndim - 4):
         fn = jax.vmap(fn)
     return fn(x, u)
+
+
+def _reference_kernel_grad(x, dy):
+    """kernel_grad in XLA ops: the transpose of `_reference_conv` in u."""
+    u = jax.ShapeDtypeStruct(x.shape[:-4] + (16, x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.linear_transpose(functools.partial(_reference_conv, x), u)(dy)[0]
 
 
 def _flipped(u):
@@ -165,27 +187,32 @@ def _flipped(u):
     return jnp.swapaxes(grid, -1, -2).reshape(u.shape[:-3] + (16, u.shape[-1], u.shape[-2]))
 
 
-def _transpose_x(ct, x, u):
-    return conv3x3(ct, _flipped(u))
+def _batch(primitive):
+    def rule(args, dims):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
+        return primitive.bind(*(batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))), 0
+    return rule
 
 
-def _transpose_u(ct, x, u):
-    aval = jax.ShapeDtypeStruct(u.aval.shape, u.aval.dtype)
-    (ct_u,) = jax.linear_transpose(functools.partial(_reference, x), aval)(ct)
-    return ct_u
+def _define(name, abstract_eval, reference, transpose_first, transpose_second):
+    """A primitive bilinear in its two operands, lowered to `reference` (until `_load` registers
+    the kernel for CPU); transposes take (cotangent, first, second)."""
+    primitive = Primitive(name)
+    compiled = jax.jit(primitive.bind)
+    primitive.def_impl(lambda a, b: compiled(a, b))  # eager calls run the compiled primitive
+    primitive.def_abstract_eval(abstract_eval)
+    ad.defbilinear(primitive, transpose_first, transpose_second)
+    batching.primitive_batchers[primitive] = _batch(primitive)
+    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=False))
+    return primitive
 
 
-def _batch(args, dims):
-    x, u = args
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
-    x, u = (batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))
-    return conv3x3(x, u), 0
-
-
-conv3x3_p = Primitive("sparse_robust_winograd_conv3x3")
-conv3x3_p.def_impl(lambda x, u: jax.jit(conv3x3_p.bind)(x, u))
-conv3x3_p.def_abstract_eval(_abstract_eval)
-ad.defbilinear(conv3x3_p, _transpose_x, _transpose_u)
-batching.primitive_batchers[conv3x3_p] = _batch
-# Everywhere but CPU with the kernel built (registered in `_load`): the same algorithm in XLA ops.
-mlir.register_lowering(conv3x3_p, mlir.lower_fun(_reference, multiple_results=False))
+# <W, kernel_grad(x, dy)> = <conv3x3(x, W), dy> = <x, conv3x3(dy, flipped W)>: each transpose is
+# the other primitive, so derivatives of any order stay on the kernels.
+conv3x3_p = _define("sparse_robust_winograd_conv3x3", _conv_abstract_eval, _reference_conv,
+                    lambda ct, x, u: conv3x3(ct, _flipped(u)),
+                    lambda ct, x, u: kernel_grad(x, ct))
+kernel_grad_p = _define("sparse_robust_winograd_kernel_grad", _kernel_grad_abstract_eval,
+                        _reference_kernel_grad,
+                        lambda ct, x, dy: conv3x3(dy, _flipped(ct)),
+                        lambda ct, x, dy: conv3x3(x, ct))
