@@ -173,6 +173,41 @@ def test_serves():
     assert not winograd_cpu.serves((3, 3, 16, 32), (1, 1), same, jnp.bfloat16)
 
 
+_MESH = """
+import json, jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sparse_robust import models
+from sparse_robust.models import winograd_cpu
+from sparse_robust.models.winograd import transformed_kernel
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.device_put(jax.random.normal(jax.random.key(0), (16, 6, 6, 16)),
+                   NamedSharding(mesh, P("data")))
+k = jax.random.normal(jax.random.key(1), (3, 3, 16, 32)) * 0.1
+loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+fused = jax.jit(jax.value_and_grad(loss(lambda x, k: winograd_cpu.conv3x3(
+    x, transformed_kernel(k))), (0, 1)))(x, k)
+xla = jax.value_and_grad(loss(lambda x, k: lax.conv_general_dilated(
+    x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))), (0, 1))(x, k)
+errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+          for a, b in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(xla))]
+impls = models.conv_impls(models.get_model("conv-4"), jnp.zeros((1, 28, 28, 1)))
+print(json.dumps({"devices": jax.device_count(), "errors": errors, "impls": impls}))
+"""
+
+
+def test_on_a_device_mesh_explicit_kernels_agree_and_auto_keeps_xla_winograd():
+    """XLA's partitioner gathers an FFI call's operands: right numbers, but "auto" does not pick
+    the kernel on several devices."""
+    out = subprocess.run([sys.executable, "-c", _MESH], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 8
+    assert max(got["errors"]) < 1e-5
+    assert got["impls"] == {"conv_0": "patches", "conv_1": "winograd", "conv_2": "winograd",
+                            "conv_3": "winograd"}
+
+
 _PROBE = """
 import json, jax.numpy as jnp
 from sparse_robust import models

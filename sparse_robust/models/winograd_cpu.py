@@ -117,7 +117,7 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def _load() -> str | None:
     """Builds, loads and registers the kernel; returns None, or why it cannot run here."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"the kernel is built for Linux on x86-64 only, not {platform.system()} " \
                f"on {platform.machine()}"
     compiler = os.environ.get("CXX", "c++")
