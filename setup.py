@@ -34,7 +34,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["sparse_robust", "sparse_robust.*"]),
-    # The fused Winograd CPU kernel's source, built on first use (sparse_robust/models/winograd_cpu.py).
+    # The fused Winograd CPU kernel's source, built on first use (models/winograd_cpu.py).
     package_data={"sparse_robust.models": ["winograd_cpu.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

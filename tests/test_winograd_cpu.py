@@ -148,7 +148,8 @@ def test_inside_a_loop_of_gradient_steps():
     x, kernel = _inputs((4, 10, 10, 16), 16)
 
     def attack(conv):
-        step = lambda _, x: x + 0.01 * jnp.sign(jax.grad(lambda x: jnp.sum(conv(x, kernel) ** 2))(x))
+        grad = jax.grad(lambda x: jnp.sum(conv(x, kernel) ** 2))
+        step = lambda _, x: x + 0.01 * jnp.sign(grad(x))
         return jax.jit(lambda x: lax.fori_loop(0, 5, step, x))(x)
 
     _close(attack(_fused), attack(_xla))

@@ -44,7 +44,8 @@ inline void micro_kernel(const float* a, int a_row, int a_k, const float* b, int
                          int ldc, int k) {
   v16 acc[kRows][kVectors];
   for (int i = 0; i < kRows; ++i)
-    for (int v = 0; v < kVectors; ++v) acc[i][v] = kAccumulate ? load16(c + i * ldc + 16 * v) : (v16){};
+    for (int v = 0; v < kVectors; ++v)
+      acc[i][v] = kAccumulate ? load16(c + i * ldc + 16 * v) : (v16){};
   for (int p = 0; p < k; ++p) {
     v16 row[kVectors];
     for (int v = 0; v < kVectors; ++v) row[v] = load16(b + p * ldb + 16 * v);
@@ -64,6 +65,15 @@ struct Shape {
 
 int padded(int rows) { return (rows + kRows - 1) / kRows * kRows; }
 
+// The image of tile t and the output pixel at its top left.
+struct Tile {
+  int64_t image, top, left;
+};
+Tile tile_at(const Shape& s, int64_t t) {
+  const int64_t per_image = s.tiles_h * s.tiles_w, rest = t % per_image;
+  return {t / per_image, 2 * (rest / s.tiles_w), 2 * (rest % s.tiles_w)};
+}
+
 // Input transform V = B^T d B of tiles [t0, t0 + rows) of x [n, h, w, cin] into v [16][kBlock]
 // [cin], with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]; rows past the
 // last tile, up to a multiple of kRows, are zeros. `zeros` holds cin zeros.
@@ -77,14 +87,13 @@ void input_transform(const Shape& s, const float* x, int64_t t0, int rows, float
       for (int q = 0; q < 16; ++q) std::memset(vt + q * v_stride, 0, cin * sizeof(float));
       continue;
     }
-    const int64_t t = t0 + r, image = t / (s.tiles_h * s.tiles_w), rest = t % (s.tiles_h * s.tiles_w);
-    const int64_t top = 2 * (rest / s.tiles_w) - 1, left = 2 * (rest % s.tiles_w) - 1;
-    const float* d[4][4];
+    const Tile tile = tile_at(s, t0 + r);
+    const float* d[4][4];  // the tile's 4x4 inputs, from one pixel above and left of its outputs
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < 4; ++b) {
-        const int64_t i = top + a, j = left + b;
+        const int64_t i = tile.top + a - 1, j = tile.left + b - 1;
         d[a][b] = (i >= 0 && i < s.h && j >= 0 && j < s.w)
-                      ? x + ((image * s.h + i) * s.w + j) * cin : zeros;
+                      ? x + ((tile.image * s.h + i) * s.w + j) * cin : zeros;
       }
     for (int c = 0; c < cin; c += 16) {
       v16 e[4][4];
@@ -129,21 +138,22 @@ void conv_block(const Shape& s, const float* x, const float* u, float* y, int64_
       }
     }
     for (int r = 0; r < rows; ++r) {
-      const int64_t t = t0 + r, image = t / (s.tiles_h * s.tiles_w), rest = t % (s.tiles_h * s.tiles_w);
-      const int64_t top = 2 * (rest / s.tiles_w), left = 2 * (rest % s.tiles_w);
+      const Tile tile = tile_at(s, t0 + r);
       const float* mt = m + r * kCols;
       float* out[2][2];
       bool inside[2][2];
       for (int a = 0; a < 2; ++a)
         for (int b = 0; b < 2; ++b) {
-          inside[a][b] = top + a < s.h && left + b < s.w;
-          out[a][b] = y + ((image * s.h + top + a) * s.w + left + b) * cout + c0;
+          const int64_t i = tile.top + a, j = tile.left + b;
+          inside[a][b] = i < s.h && j < s.w;
+          out[a][b] = y + ((tile.image * s.h + i) * s.w + j) * cout + c0;
         }
       for (int c = 0; c < width; c += 16) {
         v16 g[2][4];
         for (int b = 0; b < 4; ++b) {
-          const v16 m0 = load16(mt + (0 * 4 + b) * m_stride + c), m1 = load16(mt + (4 + b) * m_stride + c);
-          const v16 m2 = load16(mt + (8 + b) * m_stride + c), m3 = load16(mt + (12 + b) * m_stride + c);
+          const v16 m0 = load16(mt + b * m_stride + c), m1 = load16(mt + (4 + b) * m_stride + c);
+          const v16 m2 = load16(mt + (8 + b) * m_stride + c);
+          const v16 m3 = load16(mt + (12 + b) * m_stride + c);
           g[0][b] = m0 + m1 + m2; g[1][b] = m1 - m2 - m3;
         }
         for (int a = 0; a < 2; ++a) {
@@ -171,13 +181,13 @@ void kernel_grad_block(const Shape& s, const float* x, const float* dy, float* d
       for (int q = 0; q < 16; ++q) std::memset(mt + q * m_stride, 0, cout * sizeof(float));
       continue;
     }
-    const int64_t t = t0 + r, image = t / (s.tiles_h * s.tiles_w), rest = t % (s.tiles_h * s.tiles_w);
-    const int64_t top = 2 * (rest / s.tiles_w), left = 2 * (rest % s.tiles_w);
+    const Tile tile = tile_at(s, t0 + r);
     const float* g[2][2];
     for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b)
-        g[a][b] = top + a < s.h && left + b < s.w
-                      ? dy + ((image * s.h + top + a) * s.w + left + b) * cout : zeros;
+      for (int b = 0; b < 2; ++b) {
+        const int64_t i = tile.top + a, j = tile.left + b;
+        g[a][b] = i < s.h && j < s.w ? dy + ((tile.image * s.h + i) * s.w + j) * cout : zeros;
+      }
     for (int c = 0; c < cout; c += 16) {
       v16 e[4][2];  // A dY: rows
       for (int b = 0; b < 2; ++b) {
@@ -309,7 +319,8 @@ ffi::Error WinogradKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (yd[i] != x.dimensions()[i] || yd[yd.size() - 1] != s.cout)
       return ffi::Error::InvalidArgument("winograd_cpu: dy must be [..., n, h, w, cout] like x");
   const int64_t blocks_per_item = (s.tiles + kBlock - 1) / kBlock;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks_per_item));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks_per_item));
   const int64_t x_size = x.element_count() / batch, y_size = dy.element_count() / batch;
   const int64_t u_size = 16 * s.cin * s.cout;
   const float* xp = x.typed_data();
