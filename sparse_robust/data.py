@@ -7,8 +7,8 @@ CIFAR-10). Nothing is ever downloaded unless the caller passes `download=True`.
 import dataclasses
 import functools
 import gzip
-import logging
 import importlib.util
+import logging
 import os
 import zlib
 

@@ -425,4 +425,3 @@ def test_attack_titles_name_every_attack_as_the_papers_do(settings, title):
     from sparse_robust.runs import units
     record_settings = store.to_json(units._attack_settings(attacks.make_attack(**settings)))
     assert attack_title("label", record_settings) == title
-

@@ -35,8 +35,9 @@ def linear_layer_calls(model: nn.Module, sample_input) -> list[tuple[str, nn.Mod
 
 
 def conv_impls(model: nn.Module, sample_input) -> dict[str, str]:
-    """{conv layer path: "xla", "patches" or "winograd"}: how each convolution of `model` runs on
-    `sample_input` on the default backend (see `sparse_robust.models.conv`). Shapes only."""
+    """{conv layer path: "xla", "patches", "winograd" or "winograd_cpu"}: how each convolution of
+    `model` runs on `sample_input` on the default backend (see `sparse_robust.models.conv`).
+    Shapes only."""
     return {path: module.resolved_impl(shape) if isinstance(module, Conv) else "xla"
             for path, module, shape in linear_layer_calls(model, sample_input)
             if isinstance(module, nn.Conv)}

@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from sparse_robust.models.winograd import conv_transformed
+from sparse_robust.models import winograd
 
 SOURCE = Path(__file__).with_name("winograd_cpu.cc")
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
@@ -55,8 +55,9 @@ _FLIP = np.array([3, 1, 2, 0])
 
 def serves(kernel_shape, strides, padding, dtype=jnp.float32) -> bool:
     """Whether `conv3x3` runs a convolution with this HWIO kernel shape, stride, explicit
-    (low, high) padding pairs and dtype."""
-    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+    (low, high) padding pairs and dtype: one `winograd.conv_winograd` serves, with SAME padding,
+    float32 and channel counts that are multiples of 16."""
+    return (winograd.serves(kernel_shape, strides)
             and tuple(map(tuple, padding)) == PADDING and jnp.dtype(dtype) == jnp.float32
             and kernel_shape[2] % 16 == 0 and kernel_shape[3] % 16 == 0)
 
@@ -168,7 +169,7 @@ def _kernel_grad_abstract_eval(x, dy):
 
 def _reference_conv(x, u):
     """conv3x3 in XLA ops (winograd.conv_transformed), over any leading dimensions."""
-    fn = functools.partial(conv_transformed, padding=PADDING)
+    fn = functools.partial(winograd.conv_transformed, padding=PADDING)
     for _ in range(x.ndim - 4):
         fn = jax.vmap(fn)
     return fn(x, u)
