@@ -79,7 +79,7 @@ def plan_of(config: ml_collections.ConfigDict) -> Plan:
 def _branch_runs(ctx, finetune, layout: Layout, plan: Plan, trial: int):
     for level in [0] + list(plan.branch_levels):
         for name in plan.branches:
-            if branches_lib.BRANCHES[name].at_dense == (level == 0):
+            if branches_lib.get(name).at_dense == (level == 0):
                 yield branches_lib.BranchRun(ctx=ctx, finetune=finetune, layout=layout,
                                              trial=trial, level=level, name=name,
                                              all_settings=plan.branch_settings, scope=plan.scope)
@@ -94,7 +94,7 @@ def _start_progress(ctx, finetune, layout: Layout, plan: Plan) -> None:
             total += steps
             done += steps if units_lib.finished(layout.unit(trial, level)) else 0
         for run in _branch_runs(ctx, finetune, layout, plan, trial):
-            steps = branches_lib.BRANCHES[run.name].steps(run)
+            steps = branches_lib.get(run.name).steps(run)
             total += steps
             done += steps if units_lib.finished(run.files) else 0
     ctx.progress.start(total, done)
@@ -115,7 +115,7 @@ def execute(ctx, layout: Layout, plan: Plan) -> list[dict]:
             for trial in group:
                 for run in _branch_runs(ctx, finetune, layout, plan, trial):
                     if not units_lib.finished(run.files):
-                        branches_lib.BRANCHES[run.name].run(run)
+                        branches_lib.get(run.name).run(run)
     finally:
         ctx.progress.close()
     return units_lib.records(layout)

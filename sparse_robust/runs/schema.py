@@ -20,6 +20,7 @@ from sparse_robust import data as data_lib
 from sparse_robust import models as models_lib
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import pruning
+from sparse_robust.pruning import registry
 from sparse_robust.runs import branches as branches_lib
 from sparse_robust.runs.errors import ConfigError
 from sparse_robust.runs.fields import (Field, boolean, choice, comma_list, field, integer, names,
@@ -96,8 +97,6 @@ FIELDS: tuple[Field, ...] = (
     field("prune.strategy", choice(pruning.RESET_STRATEGIES),
           "What the surviving weights restart from at each level."),
     field("prune.rewind_step", integer(0), "k of 'rewind_step' (weights after k dense steps)."),
-    field("branches.names", names(branches_lib.NAMES, allow_empty=True),
-          "Comparison methods run beside the chain's levels."),
     field("branches.levels", text(),
           "Comma-separated chain levels the branches start from ('' = the target levels, or "
           "every pruned level)."),
@@ -118,8 +117,11 @@ FIELDS: tuple[Field, ...] = (
 
 
 def all_fields() -> tuple[Field, ...]:
-    """The engine's fields and every branch's settings."""
-    return FIELDS + branches_lib.setting_fields()
+    """The engine's fields, the registered methods' branch names and every branch's settings
+    (read from the method registry when asked, so a method registered later is known)."""
+    chosen = field("branches.names", names(registry.branch_names(), allow_empty=True),
+                   "Comparison methods run beside the chain's levels.")
+    return FIELDS + (chosen,) + branches_lib.setting_fields()
 
 
 def _get(config, path: str):

@@ -6,20 +6,19 @@ files live in ``trial_T/level_LL/branch_NAME/`` (see ``layout.py``). Branches ne
 chain under a disguised config; the chain never knows about them.
 
 To add a pruning method: write ``branches/NAME.py`` defining ``BRANCH = Branch(...)`` (its run
-function, its settings under ``config.branches.NAME`` with their defaults) and add the module to
-``_MODULES`` below. Nothing else changes: the schema, ``--help`` and the pipeline read this
-registry.
+function, its settings under ``config.branches.NAME`` with their defaults) and name it in the
+method's entry of ``sparse_robust/pruning/registry.py``. Nothing else changes: the schema,
+``--help`` and the pipeline read that registry (through ``get`` and ``names`` below).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import types
 import typing
 from typing import Any, Callable, Mapping, Optional
 
 from sparse_robust import keys as keys_lib
+from sparse_robust.pruning import registry
 from sparse_robust.runs import units as units_lib
 from sparse_robust.runs.fields import Field
 from sparse_robust.runs.layout import Layout, UnitFiles
@@ -88,21 +87,29 @@ class BranchRun:
         return units_lib.train_units(self.layout, [unit])[0]
 
 
-_MODULES = ("inherit", "reinit", "random", "hydra", "inverse_inheritance", "scratch_large")
-BRANCHES: Mapping[str, Branch] = types.MappingProxyType({
-    name: importlib.import_module(f"{__name__}.{name}").BRANCH for name in _MODULES})
-NAMES = tuple(BRANCHES)
+def names() -> tuple[str, ...]:
+    """The registered methods that run as branches."""
+    return registry.branch_names()
+
+
+def get(name: str) -> Branch:
+    """The branch of the registered method ``name`` (its module is imported on first use)."""
+    branch = registry.get(name).load_branch()
+    if branch.name != name:
+        raise ValueError(f"The registry's method {name!r} names a branch called {branch.name!r}; "
+                         "the two names must agree.")
+    return branch
 
 
 def setting_fields() -> tuple[Field, ...]:
     """Every branch's settings, with paths under ``config.`` (``branches.<name>.<field>``)."""
     return tuple(dataclasses.replace(f, path=f"branches.{b.name}.{f.path}")
-                 for b in BRANCHES.values() for f in b.settings)
+                 for b in map(get, names()) for f in b.settings)
 
 
 def default_settings() -> dict:
     """{branch name: {setting: default}} for the branches that have settings."""
-    return {b.name: dict(b.defaults) for b in BRANCHES.values() if b.settings}
+    return {b.name: dict(b.defaults) for b in map(get, names()) if b.settings}
 
 
 def with_requirements(names: list[str], settings: Mapping[str, Mapping]) -> list[str]:
@@ -110,7 +117,7 @@ def with_requirements(names: list[str], settings: Mapping[str, Mapping]) -> list
     ordered: list[str] = []
 
     def add(name: str) -> None:
-        for needed in BRANCHES[name].requires(settings.get(name, {})):
+        for needed in get(name).requires(settings.get(name, {})):
             add(needed)
         if name not in ordered:
             ordered.append(name)
