@@ -15,7 +15,7 @@ import pytest
 from scipy.optimize import linprog
 
 from sparse_robust import attacks, evaluation, losses
-from sparse_robust.attacks import fab
+from sparse_robust.attacks import fab, passes
 from sparse_robust.attacks.autoattack import default_bucket_sizes, run_stages
 from test_attacks import NumpyMLP, fast_key
 
@@ -418,7 +418,11 @@ def test_the_evaluator_runs_autoattack_stage_by_stage():
     assert abs(staged.correct.mean() - np.asarray(flags["square"]).mean()) <= 3 / len(x)
     assert staged.correct.mean() < clean.mean()  # AutoAttack broke something
     for stage_attack in attacks.autoattack_stages(EPS, **STAGE_SETTINGS).values():
-        assert evaluator.program(stage_attack)._cache_size() <= 5  # the chunk sizes, no more
+        programs = (evaluator._pass_programs(stage_attack) if passes.num_passes(stage_attack) > 1
+                    else [evaluator.program(stage_attack)])
+        assert programs[-1]._cache_size() >= 1  # the program that attacks ran
+        for program in programs:  # the chunk sizes, no more (none per target)
+            assert program._cache_size() <= 5
     summary = evaluator.evaluate({"scale": 1.0}, {}, x, y, {"aa": attack}, fast_key(0))
     assert summary["aa_accuracy"] == summary["aa/square_accuracy"] == staged.correct.mean()
     assert "aa_loss" not in summary  # no single adversarial point, no loss
@@ -444,3 +448,72 @@ def test_the_square_check_flags_a_gradient_masked_model():
                                     for s in attacks.AUTOATTACK_STAGES}, len(X), slack=0.05).passed
     with pytest.raises(ValueError, match="Square last"):
         evaluation.square_check({"apgd_ce": 0.5}, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Passes (targets × restarts) run only on the points still robust
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("apgd_t", dict(num_steps=15, n_target_classes=3)),
+    ("apgd_t", dict(num_steps=10, n_target_classes=2, restarts=2)),
+    ("fab_t", dict(num_steps=15, n_target_classes=3)),
+    ("apgd", dict(num_steps=10, restarts=3)),
+])
+def test_compacted_passes_give_the_one_program_result_per_example(name, settings):
+    """Each pass on the points still robust only, with the start the one-program attack draws:
+    per example, the same verdict as the attack run on the whole batch with the same key."""
+    attack = attacks.make_attack(name, eps=EPS, **settings)
+    logits_fn = MODEL.jax_logits
+    for key in (fast_key(0), jax.random.key(1)):
+        whole = jax.jit(lambda x, y, k: jnp.argmax(logits_fn(attack(logits_fn, x, y, k)), -1) == y)
+        expected = np.asarray(whole(X, Y, key))
+        seen = []
+        actual = passes.compacted(attack, logits_fn, X, Y, key,
+                                  on_pass=lambda index, rows: seen.append(rows))
+        np.testing.assert_array_equal(actual, expected)
+        assert 0 < expected.mean() < 1  # some points broken, some not: compaction did something
+        assert len(seen) > passes.num_passes(attack) - 1 and sum(seen[1:]) < len(X) * (
+            passes.num_passes(attack) - 1)
+
+
+def _half_breaks_at_first_target():
+    """4 classes, logits 10·x, label 0. Rows 0-3 sit 0.03 from class 1 (the 2nd-ranked class,
+    so target 0) and break at ε = 0.05 (L∞); rows 4-7 are 0.3 from every other class."""
+    near = np.array([0.5, 0.47, 0.1, 0.0], np.float32)
+    far = np.array([0.5, 0.2, 0.1, 0.0], np.float32)
+    x = np.stack([near] * 4 + [far] * 4)
+    return (lambda z: 10.0 * z), x, np.zeros(8, np.int32)
+
+
+@pytest.mark.parametrize("name", ["apgd_t", "fab_t"])
+def test_no_target_runs_on_a_point_an_earlier_target_broke(name):
+    logits_fn, x, y = _half_breaks_at_first_target()
+    attack = attacks.make_attack(name, eps=0.05, num_steps=10, n_target_classes=3)
+    seen = {}
+    robust = passes.compacted(attack, logits_fn, x, y, fast_key(0),
+                              on_pass=lambda index, rows: seen.setdefault(index, []).append(rows))
+    np.testing.assert_array_equal(robust, [False] * 4 + [True] * 4)
+    assert seen == {0: [8], 1: [4], 2: [4]}  # targets 2 and 3 see only the 4 robust rows
+    stage_fn = jax.jit(lambda x, y, k: jnp.argmax(logits_fn(attack(logits_fn, x, y, k)), -1) == y)
+    np.testing.assert_array_equal(np.asarray(stage_fn(x, y, fast_key(0))), robust)
+
+
+def test_run_passes_attacks_each_row_until_it_breaks():
+    """run_passes on a fake attack that breaks row i at pass i: pass p sees exactly the rows
+    >= p (padded to a bucket), with the starts of pass p gathered for those rows."""
+    x = np.arange(6, dtype=np.float32)[:, None]
+    seen = []
+
+    def pass_fn(xs, ys, start, index):
+        seen.append((index, xs[:, 0].tolist(), start[:, 0].tolist()))
+        return xs[:, 0] != index
+
+    robust = passes.run_passes(pass_fn, lambda index: x * 10 + index, x, np.zeros(6, np.int32),
+                               passes=4, buckets=[2, 4, 6])
+    np.testing.assert_array_equal(robust, [False] * 4 + [True] * 2)
+    assert seen[0] == (0, [0, 1, 2, 3, 4, 5], [0, 10, 20, 30, 40, 50])
+    # 5 rows: a chunk of 4, then 1 padded to the smallest bucket with a copy of itself.
+    assert [rows for index, rows, _ in seen if index == 1] == [[1, 2, 3, 4], [5, 5]]
+    assert [rows for index, rows, _ in seen if index == 2] == [[2, 3, 4, 5]]
+    assert seen[-2:] == [(3, [3, 4], [33, 43]), (3, [5, 5], [53, 53])]

@@ -41,6 +41,14 @@ def _apgd_run(objective, x, key, eps, *, num_steps: int, norm: str, rho: float,
               clip_min: float, clip_max: float):
     """One APGD run from a random point of the ε-sphere (`parts.boundary_start` with
     `key`): the worst (x_adv, success, objective) triple it visits."""
+    start = parts.boundary_start(key, x, eps, norm, clip_min, clip_max)
+    return _apgd_from(objective, x, start, eps, num_steps=num_steps, norm=norm, rho=rho,
+                      clip_min=clip_min, clip_max=clip_max)
+
+
+def _apgd_from(objective, x, start, eps, *, num_steps: int, norm: str, rho: float,
+               clip_min: float, clip_max: float):
+    """`_apgd_run` from a given start (in the ε-ball and the box)."""
     checkpoints = apgd_checkpoints(num_steps)
     # Static per-iteration tables: is iteration i (producing x^(i+1)) a checkpoint, and how long
     # was the interval that ends there.
@@ -88,7 +96,6 @@ def _apgd_run(objective, x, key, eps, *, num_steps: int, norm: str, rho: float,
             best_at_last_check=jnp.where(at_check, best_value, state["best_at_last_check"]),
             best_x=best_x, best_grad=best_grad, best_value=best_value, worst=worst)
 
-    start = parts.boundary_start(key, x, eps, norm, clip_min, clip_max)
     value, success, grad = parts.objective_and_grad(objective, start)
     batch = x.shape[:1]
     state = dict(
@@ -131,6 +138,15 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
     return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
 
 
+def _targeted_objective(logits_fn: LogitsFn, y, target):
+    """APGD-T's objective: the targeted DLR loss; success is misclassification (any class)."""
+    def objective(x_adv):
+        logits = logits_fn(x_adv)
+        return targeted_dlr_loss(logits, y, target), jnp.argmax(logits, axis=-1) != y
+
+    return objective
+
+
 def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps,
            num_steps: int = 100, norm: str = "linf", n_target_classes: int = 9, restarts: int = 1,
            rho: float = 0.75, clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
@@ -154,11 +170,7 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
 
     def target_run(worst, rank_and_target):
         rank, target = rank_and_target
-
-        def objective(x_adv):
-            logits = logits_fn(x_adv)
-            return targeted_dlr_loss(logits, y, target), jnp.argmax(logits, axis=-1) != y
-
+        objective = _targeted_objective(logits_fn, y, target)
         run = functools.partial(_apgd_run, objective, x, eps=eps, num_steps=num_steps, norm=norm,
                                 rho=rho, clip_min=clip_min, clip_max=clip_max)
         result = parts.worst_over_restarts(run, jax.random.fold_in(key, rank), x, restarts)
@@ -166,4 +178,40 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
 
     worst, _ = lax.scan(target_run, parts.initial_worst(x),
                         (jnp.arange(n_target_classes), targets.T))
+    return lax.stop_gradient(worst[0])
+
+
+# --------------------------------------------------------------------------------------------
+# One pass (one target and restart) at a time, for drivers that attack only the points still
+# robust between passes (`sparse_robust.attacks.passes`). Pass p of `apgd` is restart p; pass p of
+# `apgd_t` is target rank p // restarts, restart p % restarts (target outer, as the reference).
+
+
+def pass_start(key, x, index, *, eps, norm: str, restarts: int, targeted: bool,
+               clip_min: float, clip_max: float):
+    """The random start of pass `index` for every row of a batch: exactly the start that
+    `apgd` / `apgd_t` draw for that restart and target from `key` on the same batch."""
+    x = jnp.asarray(x)
+    if targeted:
+        key = jax.random.fold_in(key, index // restarts)
+    if restarts > 1:
+        key = jax.random.split(key, restarts)[index % restarts]
+    return parts.boundary_start(key, x, parts.as_float(eps, x), norm, clip_min, clip_max)
+
+
+def apgd_pass(logits_fn: LogitsFn, x, y, start, index, *, eps, num_steps: int, norm: str,
+              loss: str, targeted: bool, n_target_classes: int, restarts: int, rho: float,
+              clip_min: float, clip_max: float) -> jax.Array:
+    """Pass `index` of `apgd` (untargeted, `loss`) or `apgd_t` (`targeted`) from `start` (see
+    `pass_start`): the worst point of that one run. Rows are independent, so a row's result
+    does not depend on which other rows share its batch."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    eps = parts.as_float(eps, x)
+    if targeted:
+        targets = parts.ranked_targets(logits_fn, x, n_target_classes)
+        objective = _targeted_objective(logits_fn, y, targets[:, index // restarts])
+    else:
+        objective = parts.make_objective(logits_fn, x, y, loss, targeted=False)
+    worst = _apgd_from(objective, x, start, eps, num_steps=num_steps, norm=norm, rho=rho,
+                       clip_min=clip_min, clip_max=clip_max)
     return lax.stop_gradient(worst[0])
