@@ -3,7 +3,7 @@ adversarially trained with PGD-10 at ε = 0.1: wall time, images/s and robust ac
 
 Run: ``python -m benchmarks.autoattack`` (a few minutes on 2 CPU cores; the first run also
 trains the model, about a minute, and caches its weights at --weights). Each stage attacks only
-the points every earlier stage left robust (`sparse_robust.autoattack.run_stages`). The whole
+the points every earlier stage left robust (`sparse_robust.attacks.autoattack.run_stages`). The whole
 evaluation runs twice: "cold" includes XLA compilation, "warm" reuses the compiled programs.
 Achieved FLOP/s count the matmuls of the stage's forward and input-gradient passes analytically
 (Square's as if every chunk used all its queries, an upper bound), next to the matmul FLOP/s of a
@@ -22,7 +22,9 @@ import numpy as np
 import optax
 
 from benchmarks.common import matmul_flops_per_second, print_rows
-from sparse_robust import attacks, autoattack, data, evaluation, masks, models, objectives, training
+from sparse_robust import attacks, data, evaluation, masks, models, objectives, training
+from sparse_robust.attacks import passes
+from sparse_robust.attacks.autoattack import run_stages
 
 EPS = 0.1
 
@@ -44,7 +46,7 @@ def train(dataset, steps: int, seed: int):
     for start in range(0, steps, 500):
         state, metrics = loop(state, images, labels, indices[start:start + 500])
         print(f"  step {start + len(indices[start:start + 500])}: "
-              + ", ".join(f"{k} {float(v):.3f}" for k, v in metrics.items()))
+              + ", ".join(f"{k} {float(np.asarray(v).reshape(-1)[-1]):.3f}" for k, v in metrics.items()))
     return model, state.params
 
 
@@ -77,22 +79,29 @@ def passes_per_row(num_steps: int, n_targets: int, num_queries: int) -> dict:
             "fab_t": n_targets * num_steps * 3 + 2, "square": num_queries + 2}
 
 
-def evaluate(model_fn, params, images, labels, stages, key, batch_size):
+def evaluate(model_fn, params, images, labels, stages, key, batch_size, logits_fn=None):
     """Per-stage flags and (seconds, padded rows) per stage, timing each call of the stage: the
-    driver and the programs ``evaluation.Evaluator`` runs AutoAttack with."""
+    driver ``evaluation.Evaluator`` runs AutoAttack with. With `logits_fn` (the model on params,
+    one object across runs so its programs are reused), APGD-T and FAB-T run target by target on
+    the points still robust (`attacks.passes.compacted`, as the evaluator); without, every target
+    on every point of the chunk (one program per stage, as before issue 24)."""
     evaluator = evaluation.Evaluator(model_fn, batch_size=batch_size)
-    programs = [evaluator.program(attack) for attack in stages.values()]
+    stage_attacks = list(stages.values())
+    programs = [evaluator.program(attack) for attack in stage_attacks]
     seconds, rows = np.zeros(len(stages)), np.zeros(len(stages), np.int64)
 
     def stage_fn(index, x, y, key):
         tic = time.perf_counter()
-        still = np.asarray(programs[index](params, {}, x, y, key)[0])
+        if logits_fn is not None and passes.num_passes(stage_attacks[index]) > 1:
+            still = passes.compacted(stage_attacks[index], logits_fn, x, y, key)
+        else:
+            still = np.asarray(programs[index](params, {}, x, y, key)[0])
         seconds[index] += time.perf_counter() - tic
         rows[index] += len(x)
         return still
 
     clean = evaluator.per_example(params, {}, images, labels)["clean"].correct
-    flags = autoattack.run_stages(stage_fn, images, labels, clean, key, stages=tuple(stages),
+    flags = run_stages(stage_fn, images, labels, clean, key, stages=tuple(stages),
                                   batch_size=batch_size)
     return clean, flags, seconds, rows
 
@@ -107,6 +116,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, default=2, help="1: cold only; 2: cold and warm")
+    parser.add_argument("--mode", default="both", choices=["both", "compacted", "whole_batch"],
+                        help="APGD-T/FAB-T target by target on the points still robust, every "
+                        "target on every point (before issue 24), or both in one run")
     args = parser.parse_args()
 
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
@@ -115,29 +127,44 @@ def main() -> None:
     images = dataset.test_images[:args.num_images]
     labels = dataset.test_labels[:args.num_images]
     stages = attacks.autoattack_stages(EPS, "linf")
-    passes = passes_per_row(100, 9, 5000)
+    per_row = passes_per_row(100, 9, 5000)
     flop_row = forward_flops(params)
 
     matmul_before = matmul_flops_per_second()
     print(f"matmul 2048x2048 float32: {matmul_before / 1e9:.1f} GFLOP/s\n")
-    for run in range(args.runs):
+    model_fn = training.make_model_fn(model)
+    logits_fn = lambda z: model_fn(params, {}, z, False)[0]
+    modes = {"compacted": logits_fn, "whole batch": None}
+    if args.mode != "both":
+        modes = {args.mode.replace("_", " "): modes[args.mode.replace("_", " ")]}
+    results = {}
+    for run, (mode, mode_logits) in [(r, m) for m in modes.items() for r in range(args.runs)]:
         tic = time.perf_counter()
-        clean, flags, seconds, rows = evaluate(training.make_model_fn(model), params, images,
-                                               labels, stages,
-                                               jax.random.key(args.seed), args.batch_size)
+        clean, flags, seconds, rows = evaluate(model_fn, params, images, labels, stages,
+                                               jax.random.key(args.seed), args.batch_size,
+                                               mode_logits)
         total = time.perf_counter() - tic
+        results[mode, run] = (flags, seconds, total)
         table, attacked = [], int(clean.sum())
         for index, (name, robust) in enumerate(flags.items()):
             table.append({"stage": name, "images in": attacked, "seconds": seconds[index],
                           "images/s": attacked / seconds[index] if seconds[index] else float("nan"),
                           "robust acc": robust.mean(),
-                          "GFLOP/s": rows[index] * passes[name] * flop_row / seconds[index] / 1e9
+                          "GFLOP/s": rows[index] * per_row[name] * flop_row / seconds[index] / 1e9
                           if seconds[index] else float("nan")})
             attacked = int(robust.sum())
-        print(f"{'cold (with compilation)' if run == 0 else 'warm'}: {len(images)} images, clean "
+        print(f"{mode}, {'cold (with compilation)' if run == 0 else 'warm'}: {len(images)} images, clean "
               f"accuracy {clean.mean():.4f}, total {total:.1f} s ({len(images) / total:.1f} images/s)")
         print_rows(table)
         print()
+    if len(modes) == 2:  # the same verdict per image, and what skipping broken points saves
+        run = args.runs - 1
+        (new, new_s, new_total), (old, old_s, old_total) = (results["compacted", run],
+                                                          results["whole batch", run])
+        same = all(np.array_equal(new[s], old[s]) for s in new)
+        print(f"per-image verdicts identical: {same}; whole batch / compacted "
+              f"({'warm' if run else 'cold'}): total {old_total / new_total:.2f}x, "
+              + ", ".join(f"{s} {o / n:.2f}x" for s, o, n in zip(new, old_s, new_s) if n))
     print(f"matmul 2048x2048 float32 at the end: {matmul_flops_per_second() / 1e9:.1f} GFLOP/s")
 
 

@@ -14,8 +14,8 @@ label, never on its position among the others.
 
 AutoAttack (``make_attack("autoattack", ...)``, true labels) runs stage by stage: each stage
 (APGD-CE, APGD-T, FAB-T, Square) attacks only the images every earlier stage left robust, in
-chunks of a few fixed sizes (``autoattack.run_stages``: one program per stage and chunk size, and
-no work on images already broken); the per-stage robustness is kept with the result.
+chunks of a few fixed sizes (``attacks.autoattack.run_stages``: one program per stage and chunk
+size, and no work on images already broken); the per-stage robustness is kept with the result.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from sparse_robust import autoattack
 from sparse_robust import keys as keys_lib
 from sparse_robust import parallel
 from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
+from sparse_robust.attacks import passes
+from sparse_robust.attacks.autoattack import run_stages
 from sparse_robust.checks import check_choice
 from sparse_robust.objectives import cross_entropy
 from sparse_robust.training import ModelFn
@@ -117,14 +118,15 @@ class Evaluator:
 
     # ---------------------------------------------------------------- compiled programs
 
-    def _jit(self, fn, num_args: int = 5):
-        """jit ``fn(params, model_state, x, y, key, *rest)`` with the batch split across the mesh
-        (x and y sharded on axis 0, all else replicated, results gathered on every device)."""
+    def _jit(self, fn, num_args: int = 5, batch_args: int = 2):
+        """jit ``fn(params, model_state, x, y, *rest)`` with the batch split across the mesh
+        (x, y and the first ``batch_args - 2`` of rest sharded on axis 0, all else replicated,
+        results gathered on every device)."""
         if self.mesh is None:
             return jax.jit(fn)
         rep, data = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
-        return jax.jit(fn, in_shardings=(rep, rep, data, data) + (rep,) * (num_args - 4),
-                       out_shardings=rep)
+        return jax.jit(fn, in_shardings=(rep, rep) + (data,) * batch_args
+                       + (rep,) * (num_args - 2 - batch_args), out_shardings=rep)
 
     def program(self, attack: Optional[Attack]):
         """The jitted ``(params, model_state, x, y, key) -> (correct [B], loss [B])`` of one attack
@@ -151,6 +153,25 @@ class Evaluator:
                 return attack(lambda z: model_fn(params, model_state, z, False)[0], x, y, key)
 
             self._programs[key] = self._jit(adversarial)
+        return self._programs[key]
+
+    def _pass_programs(self, attack: Attack):
+        """The jitted programs of an attack made of passes (`attacks.passes`): ``(params,
+        model_state, x, y, key, index) -> starts`` and ``(params, model_state, x, y, start, index)
+        -> correct [b]``."""
+        key = ("passes", attack)
+        if key not in self._programs:
+            model_fn = self.model_fn
+
+            def starts(params, model_state, x, y, key, index):
+                return passes.start_of(attack, key, x, index)
+
+            def correct(params, model_state, x, y, start, index):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                x_adv = passes.adversarial_of_pass(attack, logits_fn, x, y, start, index)
+                return jnp.argmax(logits_fn(x_adv), axis=-1) == y
+
+            self._programs[key] = (self._jit(starts, 6), self._jit(correct, 6, batch_args=3))
         return self._programs[key]
 
     def _sweep_program(self, attack: Attack, with_step_sizes: bool):
@@ -263,13 +284,16 @@ class Evaluator:
     def _run_stages(self, params, model_state, images, labels, stages: Mapping[str, Attack],
                     robust, key, progress: bool, desc: str) -> PerExample:
         """A staged attack on the images ``robust`` before it (clean-correct)."""
-        programs = [self.program(attack) for attack in stages.values()]
+        attacks = list(stages.values())
         size, shards = self._size(len(images)), parallel.num_shards(self.mesh)
         # Chunk sizes: the batch and its halvings, each a multiple of the devices.
         buckets = sorted({max(shards, (size >> k) // shards * shards) for k in range(5)})
 
         def stage_fn(index, x, y, chunk_key):
-            return programs[index](params, model_state, *self._place(x, y), chunk_key)[0]
+            attack = attacks[index]
+            if passes.num_passes(attack) == 1:
+                return self.program(attack)(params, model_state, *self._place(x, y), chunk_key)[0]
+            return self._compacted(params, model_state, attack, x, y, chunk_key, buckets)
 
         bar = tqdm(total=len(stages), disable=not progress, desc=desc, leave=False)
         done = {}
@@ -279,11 +303,32 @@ class Evaluator:
                 done[stage] = True
                 bar.update(1)
 
-        flags = autoattack.run_stages(stage_fn, images, labels, robust, key, stages=tuple(stages),
-                                      batch_size=size, bucket_sizes=buckets, progress=advance)
+        flags = run_stages(stage_fn, images, labels, robust, key, stages=tuple(stages),
+                           batch_size=size, bucket_sizes=buckets, progress=advance)
         bar.close()
         last = flags[tuple(stages)[-1]]
         return PerExample(last, np.full(len(images), np.nan, np.float32), flags)
+
+    def _compacted(self, params, model_state, attack: Attack, x, y, key, buckets) -> np.ndarray:
+        """Still correct [B] after `attack` (made of passes) on one chunk, each pass run only on
+        the rows every earlier pass left correct (`attacks.passes.run_passes`); per row the
+        result of the one-program attack with the same key."""
+        starts_program, correct_program = self._pass_programs(attack)
+        placed = self._place(x, y)
+        random_start = attack.name != "fab_t"
+
+        def start_fn(index):
+            if not random_start:
+                return None
+            return starts_program(params, model_state, *placed, key, index)
+
+        def pass_fn(xs, ys, start, index):
+            xs, ys = self._place(xs, ys)
+            start = xs if start is None else self._place(start, ys)[0]  # FAB-T ignores it.
+            return correct_program(params, model_state, xs, ys, start, index)
+
+        return passes.run_passes(pass_fn, start_fn, x, y, passes=passes.num_passes(attack),
+                                 buckets=buckets)
 
     def adversarial_examples(self, params, model_state, images, labels, attack: Attack,
                              key: jax.Array) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Tests for AutoAttack and its new stages: APGD-T, FAB-T (and its projection), Square, the
 batch-level `attacks.autoattack_with_flags` and the compacting dataset driver
-`sparse_robust.autoattack.run_stages`. Independent references: an LP (scipy) and a
+`sparse_robust.attacks.autoattack.run_stages`. Independent references: an LP (scipy) and a
 brute-force enumeration for FAB's projection and for minimal distances, the published Square
 schedule, each stage run on its own, and every stage applied to every point (masked) for the
 driver."""
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from sparse_robust import attacks, autoattack, evaluation, fab, losses
+from sparse_robust import attacks, evaluation, losses
+from sparse_robust.attacks import fab, passes
+from sparse_robust.attacks.autoattack import default_bucket_sizes, run_stages
 from test_attacks import NumpyMLP, fast_key
 
 NUM_CLASSES = 5
@@ -353,14 +355,14 @@ def test_run_stages_compacts_and_matches_attacking_every_point(batch_size, bucke
     verdicts = stage_verdicts(n, len(stages))
     calls = []
     key = jax.random.key(3)
-    results = autoattack.run_stages(make_stage_fn(verdicts, calls), images, labels, clean, key,
+    results = run_stages(make_stage_fn(verdicts, calls), images, labels, clean, key,
                                     stages=stages, batch_size=batch_size, bucket_sizes=bucket_sizes)
     # Masked reference: every stage on every point, robust = clean & all verdicts so far.
     robust = clean
     for s, name in enumerate(stages):
         robust = robust & verdicts[s]
         np.testing.assert_array_equal(results[name], robust)
-    buckets = set(autoattack.default_bucket_sizes(batch_size) if bucket_sizes is None
+    buckets = set(default_bucket_sizes(batch_size) if bucket_sizes is None
                   else bucket_sizes) | {batch_size}
     before = {0: clean, 1: results["a"], 2: results["b"]}
     chunk_counter = {}
@@ -387,11 +389,11 @@ def test_run_stages_validates_its_arguments():
                             (dict(stages=("a", "a")), "stages"),
                             (dict(bucket_sizes=(8,)), "bucket_sizes")]:
         with pytest.raises(ValueError, match=message):
-            autoattack.run_stages(*args, **{**ok, **kwargs})
+            run_stages(*args, **{**ok, **kwargs})
     with pytest.raises(ValueError, match="share N"):
-        autoattack.run_stages(args[0], args[1], args[2][:2], args[3], args[4], **ok)
+        run_stages(args[0], args[1], args[2][:2], args[3], args[4], **ok)
     with pytest.raises(ValueError, match="expected"):
-        autoattack.run_stages(lambda *a: np.ones(2, bool), *args[1:], **ok)
+        run_stages(lambda *a: np.ones(2, bool), *args[1:], **ok)
 
 
 def test_the_evaluator_runs_autoattack_stage_by_stage():
@@ -416,7 +418,11 @@ def test_the_evaluator_runs_autoattack_stage_by_stage():
     assert abs(staged.correct.mean() - np.asarray(flags["square"]).mean()) <= 3 / len(x)
     assert staged.correct.mean() < clean.mean()  # AutoAttack broke something
     for stage_attack in attacks.autoattack_stages(EPS, **STAGE_SETTINGS).values():
-        assert evaluator.program(stage_attack)._cache_size() <= 5  # the chunk sizes, no more
+        programs = (evaluator._pass_programs(stage_attack) if passes.num_passes(stage_attack) > 1
+                    else [evaluator.program(stage_attack)])
+        assert programs[-1]._cache_size() >= 1  # the program that attacks ran
+        for program in programs:  # the chunk sizes, no more (none per target)
+            assert program._cache_size() <= 5
     summary = evaluator.evaluate({"scale": 1.0}, {}, x, y, {"aa": attack}, fast_key(0))
     assert summary["aa_accuracy"] == summary["aa/square_accuracy"] == staged.correct.mean()
     assert "aa_loss" not in summary  # no single adversarial point, no loss
@@ -442,3 +448,72 @@ def test_the_square_check_flags_a_gradient_masked_model():
                                     for s in attacks.AUTOATTACK_STAGES}, len(X), slack=0.05).passed
     with pytest.raises(ValueError, match="Square last"):
         evaluation.square_check({"apgd_ce": 0.5}, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Passes (targets × restarts) run only on the points still robust
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("apgd_t", dict(num_steps=15, n_target_classes=3)),
+    ("apgd_t", dict(num_steps=10, n_target_classes=2, restarts=2)),
+    ("fab_t", dict(num_steps=15, n_target_classes=3)),
+    ("apgd", dict(num_steps=10, restarts=3)),
+])
+def test_compacted_passes_give_the_one_program_result_per_example(name, settings):
+    """Each pass on the points still robust only, with the start the one-program attack draws:
+    per example, the same verdict as the attack run on the whole batch with the same key."""
+    attack = attacks.make_attack(name, eps=EPS, **settings)
+    logits_fn = MODEL.jax_logits
+    for key in (fast_key(0), jax.random.key(1)):
+        whole = jax.jit(lambda x, y, k: jnp.argmax(logits_fn(attack(logits_fn, x, y, k)), -1) == y)
+        expected = np.asarray(whole(X, Y, key))
+        seen = []
+        actual = passes.compacted(attack, logits_fn, X, Y, key,
+                                  on_pass=lambda index, rows: seen.append(rows))
+        np.testing.assert_array_equal(actual, expected)
+        assert 0 < expected.mean() < 1  # some points broken, some not: compaction did something
+        assert len(seen) > passes.num_passes(attack) - 1 and sum(seen[1:]) < len(X) * (
+            passes.num_passes(attack) - 1)
+
+
+def _half_breaks_at_first_target():
+    """4 classes, logits 10·x, label 0. Rows 0-3 sit 0.03 from class 1 (the 2nd-ranked class,
+    so target 0) and break at ε = 0.05 (L∞); rows 4-7 are 0.3 from every other class."""
+    near = np.array([0.5, 0.47, 0.1, 0.0], np.float32)
+    far = np.array([0.5, 0.2, 0.1, 0.0], np.float32)
+    x = np.stack([near] * 4 + [far] * 4)
+    return (lambda z: 10.0 * z), x, np.zeros(8, np.int32)
+
+
+@pytest.mark.parametrize("name", ["apgd_t", "fab_t"])
+def test_no_target_runs_on_a_point_an_earlier_target_broke(name):
+    logits_fn, x, y = _half_breaks_at_first_target()
+    attack = attacks.make_attack(name, eps=0.05, num_steps=10, n_target_classes=3)
+    seen = {}
+    robust = passes.compacted(attack, logits_fn, x, y, fast_key(0),
+                              on_pass=lambda index, rows: seen.setdefault(index, []).append(rows))
+    np.testing.assert_array_equal(robust, [False] * 4 + [True] * 4)
+    assert seen == {0: [8], 1: [4], 2: [4]}  # targets 2 and 3 see only the 4 robust rows
+    stage_fn = jax.jit(lambda x, y, k: jnp.argmax(logits_fn(attack(logits_fn, x, y, k)), -1) == y)
+    np.testing.assert_array_equal(np.asarray(stage_fn(x, y, fast_key(0))), robust)
+
+
+def test_run_passes_attacks_each_row_until_it_breaks():
+    """run_passes on a fake attack that breaks row i at pass i: pass p sees exactly the rows
+    >= p (padded to a bucket), with the starts of pass p gathered for those rows."""
+    x = np.arange(6, dtype=np.float32)[:, None]
+    seen = []
+
+    def pass_fn(xs, ys, start, index):
+        seen.append((index, xs[:, 0].tolist(), start[:, 0].tolist()))
+        return xs[:, 0] != index
+
+    robust = passes.run_passes(pass_fn, lambda index: x * 10 + index, x, np.zeros(6, np.int32),
+                               passes=4, buckets=[2, 4, 6])
+    np.testing.assert_array_equal(robust, [False] * 4 + [True] * 2)
+    assert seen[0] == (0, [0, 1, 2, 3, 4, 5], [0, 10, 20, 30, 40, 50])
+    # 5 rows: a chunk of 4, then 1 padded to the smallest bucket with a copy of itself.
+    assert [rows for index, rows, _ in seen if index == 1] == [[1, 2, 3, 4], [5, 5]]
+    assert [rows for index, rows, _ in seen if index == 2] == [[2, 3, 4, 5]]
+    assert seen[-2:] == [(3, [3, 4], [33, 43]), (3, [5, 5], [53, 53])]

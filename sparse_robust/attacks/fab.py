@@ -11,14 +11,15 @@ depend on it.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_robust import attack_parts as parts
-from sparse_robust.attack_parts import LogitsFn
+from sparse_robust.attacks import parts
+from sparse_robust.attacks.parts import LogitsFn
 
 _MIN_NORM = 1e-8  # The reference's floor on projection norms (keeps the weights a1/(a1+a2) finite).
 
@@ -78,6 +79,49 @@ def project_to_hyperplane_in_box(points, w, b, norm: str, clip_min: float = 0.0,
     return direction * (move if norm == "linf" else move * size)
 
 
+def _target_run(logits_fn: LogitsFn, x, y, target, eps, *, num_steps: int, norm: str,
+                alpha_max: float, eta: float, beta: float, clip_min: float, clip_max: float):
+    """FAB's search towards one target per row ([B] classes): the flattened closest adversarial
+    point found [B, D], whether it lies within ε, and −its norm (the objective `keep_worst`
+    compares)."""
+    batch = x.shape[0]
+    clean = x.reshape(batch, -1)
+
+    def logits_flat(z):
+        return logits_fn(z.reshape(x.shape))
+
+    def margin(z):  # z_t − z_y per example.
+        logits = logits_flat(z)
+        pick = lambda c: jnp.take_along_axis(logits, c[:, None], axis=-1)[:, 0]
+        return pick(target) - pick(y)
+
+    def step(_, state):
+        x1, best, best_norm = state
+        value, pullback = jax.vjp(margin, x1)
+        w = pullback(jnp.ones_like(value))[0]
+        offset = jnp.sum(w * x1, axis=-1) - value  # The hyperplane is w·z = offset.
+        d = project_to_hyperplane_in_box(
+            jnp.concatenate([x1, clean]), jnp.concatenate([w, w]),
+            jnp.concatenate([offset, offset]), norm, clip_min, clip_max)
+        sizes = jnp.maximum(parts.norm_of(d, norm), _MIN_NORM)
+        d1, d2, a1, a2 = d[:batch], d[batch:], sizes[:batch], sizes[batch:]
+        alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
+        x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (clean + eta * d2) * alpha,
+                      clip_min, clip_max)
+        adversarial = jnp.argmax(logits_flat(x1), axis=-1) != y
+        distance = parts.norm_of(x1 - clean, norm)
+        closer = adversarial & (distance < best_norm)
+        best = jnp.where(closer[:, None], x1, best)
+        best_norm = jnp.where(closer, distance, best_norm)
+        x1 = jnp.where(adversarial[:, None], clean + beta * (x1 - clean), x1)
+        return x1, best, best_norm
+
+    start = (clean, clean, jnp.full(batch, jnp.inf, x.dtype))
+    _, best, best_norm = lax.fori_loop(0, num_steps, step, start)
+    # Objective −norm: among successes the closest point is kept (any of them is in the ball).
+    return best, best_norm <= eps, -best_norm
+
+
 def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None, *,
           eps, num_steps: int = 100, norm: str = "linf", n_target_classes: int = 9,
           alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
@@ -85,7 +129,7 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arr
     """FAB-T as AutoAttack runs it (one restart, no random start, so `key` is unused).
 
     For each target (the classes ranked 2nd to (n_target_classes + 1)-th by the clean logits,
-    `attack_parts.ranked_targets`), `num_steps` steps: with w, c the gradient and value of
+    `parts.ranked_targets`), `num_steps` steps: with w, c the gradient and value of
     z_t − z_y at the iterate x1, project x1 and the clean x onto {z : w·(z − x1) + c = 0} within
     the box (d1, d2), and move to (x1 + η·d1)(1 − α) + (x + η·d2)·α with
     α = min(‖d1‖ / (‖d1‖ + ‖d2‖), alpha_max). A misclassified iterate (into any class, as in
@@ -100,47 +144,30 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arr
     parts.check_inputs(x, y, key, needs_key=False)
     parts.check_target_count(logits_fn, x, n_target_classes, 2, "FAB-T")
     eps = parts.as_float(eps, x)
-    batch = x.shape[0]
-    clean = x.reshape(batch, -1)
+    clean = x.reshape(x.shape[0], -1)
     targets = parts.ranked_targets(logits_fn, x, n_target_classes)
-
-    def logits_flat(z):
-        return logits_fn(z.reshape(x.shape))
-
-    def target_run(target):
-        def margin(z):  # z_t − z_y per example.
-            logits = logits_flat(z)
-            pick = lambda c: jnp.take_along_axis(logits, c[:, None], axis=-1)[:, 0]
-            return pick(target) - pick(y)
-
-        def step(_, state):
-            x1, best, best_norm = state
-            value, pullback = jax.vjp(margin, x1)
-            w = pullback(jnp.ones_like(value))[0]
-            offset = jnp.sum(w * x1, axis=-1) - value  # The hyperplane is w·z = offset.
-            d = project_to_hyperplane_in_box(
-                jnp.concatenate([x1, clean]), jnp.concatenate([w, w]),
-                jnp.concatenate([offset, offset]), norm, clip_min, clip_max)
-            sizes = jnp.maximum(parts.norm_of(d, norm), _MIN_NORM)
-            d1, d2, a1, a2 = d[:batch], d[batch:], sizes[:batch], sizes[batch:]
-            alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
-            x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (clean + eta * d2) * alpha,
-                          clip_min, clip_max)
-            adversarial = jnp.argmax(logits_flat(x1), axis=-1) != y
-            distance = parts.norm_of(x1 - clean, norm)
-            closer = adversarial & (distance < best_norm)
-            best = jnp.where(closer[:, None], x1, best)
-            best_norm = jnp.where(closer, distance, best_norm)
-            x1 = jnp.where(adversarial[:, None], clean + beta * (x1 - clean), x1)
-            return x1, best, best_norm
-
-        start = (clean, clean, jnp.full(batch, jnp.inf, x.dtype))
-        _, best, best_norm = lax.fori_loop(0, num_steps, step, start)
-        # Objective −norm: among successes the closest point is kept (any of them is in the ball).
-        return best, best_norm <= eps, -best_norm
+    run = functools.partial(_target_run, logits_fn, x, y, eps=eps, num_steps=num_steps, norm=norm,
+                            alpha_max=alpha_max, eta=eta, beta=beta, clip_min=clip_min,
+                            clip_max=clip_max)
 
     def keep(worst, target):
-        return parts.keep_worst(worst, target_run(target)), None
+        return parts.keep_worst(worst, run(target)), None
 
     (best, success, _), _ = lax.scan(keep, parts.initial_worst(clean), targets.T)
     return lax.stop_gradient(jnp.where(success[:, None], best, clean).reshape(x.shape))
+
+
+def fab_pass(logits_fn: LogitsFn, x, y, index, *, eps, num_steps: int, norm: str,
+             n_target_classes: int, alpha_max: float, eta: float, beta: float, clip_min: float,
+             clip_max: float) -> jax.Array:
+    """Pass `index` of `fab_t`: the search towards each row's target of rank `index` alone; the
+    closest adversarial point if within ε, else x. Rows are independent, so a row's result does
+    not depend on which other rows share its batch (for `sparse_robust.attacks.passes`)."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    eps = parts.as_float(eps, x)
+    target = parts.ranked_targets(logits_fn, x, n_target_classes)[:, index]
+    best, success, _ = _target_run(logits_fn, x, y, target, eps, num_steps=num_steps, norm=norm,
+                                   alpha_max=alpha_max, eta=eta, beta=beta, clip_min=clip_min,
+                                   clip_max=clip_max)
+    return lax.stop_gradient(jnp.where(success[:, None], best, x.reshape(x.shape[0], -1))
+                             .reshape(x.shape))
