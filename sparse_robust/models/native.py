@@ -1,13 +1,14 @@
 """Build, cache and register the library's C++ CPU kernels (XLA FFI handlers).
 
-Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `sparse_cpu.cc`), built
-on first use with the machine's C++ compiler (`$CXX`, else `c++`) against this jaxlib's FFI
-headers, for this CPU (`-march=native`), and kept in `cache_dir()` under a name that hashes
-everything the binary depends on (`cache_key`): the source, jaxlib's version, the compiler, the
-flags and the CPU's instruction-set features. The features matter because `-march=native` emits
-every instruction the building CPU has: on a cluster whose nodes share a home directory, a
-library built on a newer node would die of an illegal instruction on an older one; with the
-features in the key, each kind of node builds and finds its own.
+Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `sparse_cpu.cc`, both
+including `native_parallel.h`), built on first use with the machine's C++ compiler (`$CXX`, else
+`c++`) against this jaxlib's FFI headers, for this CPU (`-march=native`), and kept in
+`cache_dir()` under a name that hashes everything the binary depends on (`cache_key`): the source
+and the headers beside it, jaxlib's version, the compiler, the flags and the CPU's instruction-set
+features. The features matter because `-march=native` emits every instruction the building CPU
+has: on a cluster whose nodes share a home directory, a library built on a newer node would die
+of an illegal instruction on an older one; with the features in the key, each kind of node builds
+and finds its own.
 
 `load(source, targets)` builds, loads and registers the handlers as the CPU lowering of their
 primitives, once per process, and answers None or why the kernel cannot run here (no compiler,
@@ -70,7 +71,9 @@ def library_path(source: Path, compiler: str) -> Path:
     """Where the build of `source` by `compiler` for this CPU is (or will be) cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    key = cache_key(source=source.read_text(), jaxlib_version=jaxlib.__version__,
+    # The source and the headers beside it that it may include (native_parallel.h).
+    text = "\0".join(path.read_text() for path in [source, *sorted(source.parent.glob("*.h"))])
+    key = cache_key(source=text, jaxlib_version=jaxlib.__version__,
                     compiler_version=version, flags=FLAGS, cpu=cpu_features(compiler))
     return cache_dir() / f"{source.stem}-{key}.so"
 
@@ -99,8 +102,11 @@ def build(source: Path, compiler: str) -> Path:
 
 @functools.cache
 def load(source: Path, targets: tuple) -> str | None:
-    """Builds and loads `source` and registers each (primitive, handler symbol) of `targets` as
-    the primitive's CPU lowering; returns None, or why the kernel cannot run here."""
+    """Builds and loads `source` and registers each handler symbol of `targets`, (primitive,
+    symbol) or (primitive, symbol, lowering), as an FFI target named after the primitive, and as
+    the primitive's CPU lowering: the plain FFI call, or `mlir.lower_fun(lowering)` (which may
+    call `jax.ffi.ffi_call(primitive.name, ...)`, e.g. with constant operands). Returns None, or
+    why the kernel cannot run here."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"the kernel is built for Linux on x86-64 only, not {platform.system()} " \
                f"on {platform.machine()}"
@@ -111,8 +117,10 @@ def load(source: Path, targets: tuple) -> str | None:
         library = ctypes.cdll.LoadLibrary(str(build(source, compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return f"building the kernel failed: {error}"
-    for primitive, symbol in targets:
+    for primitive, symbol, *lowering in targets:
         jax.ffi.register_ffi_target(primitive.name, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
-        mlir.register_lowering(primitive, jax.ffi.ffi_lowering(primitive.name), platform="cpu")
+        rule = (mlir.lower_fun(lowering[0], multiple_results=False) if lowering
+                else jax.ffi.ffi_lowering(primitive.name))
+        mlir.register_lowering(primitive, rule, platform="cpu")
     return None
