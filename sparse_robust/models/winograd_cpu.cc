@@ -13,25 +13,21 @@
 // transformed inputs (16 x kBlock x ci floats) and products stay in the core's cache; blocks are
 // shared out over XLA's intra-op thread pool.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <vector>
 
+#include "native_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats; GCC and Clang lower it to the widest vectors the target has.
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+using sparse_robust::load16;
+using sparse_robust::store16;
+using sparse_robust::v16;
 
 constexpr int kRows = 8;    // tiles per micro-kernel call
 constexpr int kCols = 32;   // output channels per micro-kernel call
@@ -221,40 +217,10 @@ struct Scratch {
         zeros(std::max(s.cin, s.cout), 0.f) {}
 };
 
-// Work items are claimed from a shared counter by the calling thread and by helpers on XLA's
-// pool. The caller waits only for helpers that claimed work (`active` counts them from before
-// their first claim), so a helper the busy pool never starts cannot stall it.
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int> active{0};
-  std::mutex mu;
-  std::condition_variable done;
-};
-
-// Runs body(i, scratch) for every i in [0, count), each exactly once, on up to the pool's
-// number of threads.
+// Runs body(i, scratch) for every i in [0, count) over the pool, with per-thread Scratch.
 template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, const Shape& s, int64_t count, Body body) {
-  auto progress = std::make_shared<Progress>();
-  auto work = [=](Progress* pr) {
-    std::unique_ptr<Scratch> scratch;
-    for (int64_t i; (i = pr->next.fetch_add(1)) < count;) {
-      if (!scratch) scratch = std::make_unique<Scratch>(s);
-      body(i, *scratch);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([progress, work] {
-      progress->active.fetch_add(1);
-      work(progress.get());
-      std::lock_guard<std::mutex> lock(progress->mu);
-      if (progress->active.fetch_sub(1) == 1) progress->done.notify_all();
-    });
-  }
-  work(progress.get());
-  std::unique_lock<std::mutex> lock(progress->mu);
-  progress->done.wait(lock, [&] { return progress->active.load() == 0; });
+  sparse_robust::parallel_for(pool, count, [&s] { return std::make_unique<Scratch>(s); }, body);
 }
 
 // The shape of x [..., n, h, w, cin] with cout output channels, and the batch of leading

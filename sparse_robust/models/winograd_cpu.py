@@ -7,12 +7,12 @@ conv-4 PGD step about half the op time was those passes, not the multiplications
 is in cache, over XLA's intra-op thread pool, through XLA's FFI; a second kernel does the same
 for the kernel gradient (transformed inputs times transformed cotangents, summed over tiles).
 
-The kernel is C++ built on first use with the machine's C++ compiler (`$CXX`, else `c++`),
-against this jaxlib's FFI headers and for this CPU (`-march=native`), and cached in
-`cache_dir()` under a name that hashes the source, jaxlib's version, the compiler, the flags and
-the CPU, so a shared home directory never serves one machine's build to another. Where it cannot
-be built (no compiler, another platform) `available()` is False, `unavailable_reason()` says why,
-and `Conv` runs "winograd" instead.
+The kernel is C++ built on first use (`native.load`: the machine's C++ compiler, this jaxlib's
+FFI headers, `-march=native`) and cached in `cache_dir()` under a name that hashes the source,
+jaxlib's version, the compiler, the flags and the CPU's instruction-set features, so a shared
+home directory never serves one machine's build to another. Where it cannot be built (no
+compiler, another platform) `available()` is False, `unavailable_reason()` says why, and `Conv`
+runs "winograd" instead.
 
 `conv3x3(x, u)` and `kernel_grad(x, dy)` are JAX primitives, each bilinear in its two operands
 (`u = winograd.transformed_kernel(kernel)`), so every transformation works: forward and reverse
@@ -27,27 +27,19 @@ stride 1, one pixel of zero padding (SAME) and float32 channel counts that are m
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from sparse_robust.models import winograd
+from sparse_robust.models import native, winograd
+from sparse_robust.models.native import cache_dir  # noqa: F401  (where the build is kept)
 
 SOURCE = Path(__file__).with_name("winograd_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 PADDING = ((1, 1), (1, 1))
 # Flipping a 3x3 kernel reverses its taps; in G g G^T that swaps rows 0 and 3 of each axis.
 _FLIP = np.array([3, 1, 2, 0])
@@ -62,14 +54,6 @@ def serves(kernel_shape, strides, padding, dtype=jnp.float32) -> bool:
             and kernel_shape[2] % 16 == 0 and kernel_shape[3] % 16 == 0)
 
 
-def cache_dir() -> Path:
-    """Where built kernels are kept: `$SPARSE_ROBUST_CACHE`, else `$XDG_CACHE_HOME/sparse_robust`,
-    else `~/.cache/sparse_robust`."""
-    if os.environ.get("SPARSE_ROBUST_CACHE"):
-        return Path(os.environ["SPARSE_ROBUST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse_robust"
-
-
 def available() -> bool:
     """Whether the kernel is built and registered with XLA (builds it on the first call)."""
     return _load() is None
@@ -80,60 +64,10 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags: what `-march=native` compiles for."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine() + " " + platform.processor()
-    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags")]
-    return "\n".join(dict.fromkeys(keep))
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, version,
-                                    " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()
-    library = cache_dir() / f"winograd_cpu-{key[:16]}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed, so concurrent first uses never load half a file.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
-                                 "-o", partial], capture_output=True, text=True)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {lines[0]}")
-        os.replace(partial, library)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return library
-
-
-@functools.cache
 def _load() -> str | None:
-    """Builds, loads and registers the kernel; returns None, or why it cannot run here."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return f"the kernel is built for Linux on x86-64 only, not {platform.system()} " \
-               f"on {platform.machine()}"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler: {compiler!r} is not on PATH (install g++ or set $CXX)"
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return f"building the kernel failed: {error}"
-    for primitive, symbol in ((conv3x3_p, "SparseRobustWinogradConv"),
-                              (kernel_grad_p, "SparseRobustWinogradKernelGrad")):
-        jax.ffi.register_ffi_target(primitive.name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
-        mlir.register_lowering(primitive, jax.ffi.ffi_lowering(primitive.name), platform="cpu")
-    return None
+    """Builds, loads and registers the kernels (once); None, or why they cannot run here."""
+    return native.load(SOURCE, ((conv3x3_p, "SparseRobustWinogradConv"),
+                                (kernel_grad_p, "SparseRobustWinogradKernelGrad")))
 
 
 def conv3x3(x: jax.Array, u: jax.Array) -> jax.Array:
