@@ -113,10 +113,9 @@ def test_masks_match_their_branch(finished_run):
     random = load_mask(path, "random")
     assert all(random[n].sum() == inherit[n].sum() for n in names)
     assert any((random[n] != inherit[n]).any() for n in names)
-    # HYDRA: the ticket's fraction in every layer.
-    density = by_method["lottery"]["weights_remaining"]
+    # HYDRA (allocation "level"): the one-shot mask's count in every layer, as random's.
     for n, m in load_mask(path, "hydra").items():
-        assert m.sum() == m.size - round((1 - density) * m.size), n
+        assert m.sum() == inherit[n].sum(), n
     # The chain's global rounds land on the target (up to rounding, a weight per round).
     assert abs(by_method["lottery"]["weights_remaining"] - (1 - SPARSITY)) <= 2 / magnitudes.size
     for name in SPARSE_METHODS:  # pruned weights are exactly zero after training

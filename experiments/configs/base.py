@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
         "rewind_step": 0,          # k for rewind_step
     })
     # Comparison methods started from chain levels, written beside them (sparse_robust/runs/
-    # branches/): names from inherit, reinit, random, hydra, inverse_inheritance, scratch_large.
+    # branches/): the branch names of sparse_robust/pruning/registry.py (inherit, reinit, random,
+    # hydra, harp, radmm, inverse_inheritance, scratch_large).
     config.branches = ml_collections.ConfigDict({
         "names": "",
         "levels": "",              # chain levels they start from; "" = the targets' levels

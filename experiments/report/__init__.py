@@ -26,13 +26,14 @@ from experiments.report.plots import (accuracy_figure, diagnostic_names, diagnos
                                       plot_weight_distributions, surviving_weights,
                                       weight_figures)
 from experiments.report.tables import (FORMATS, conclusion, failed_sanity_checks,
-                                       inverse_inheritance_table, methods_table, paper_table)
+                                       harp_rates_table, inverse_inheritance_table,
+                                       methods_table, paper_table)
 from sparse_robust.checks import check_choice
 from sparse_robust.runs.errors import UserError
 
 __all__ = ["Run", "accuracy_figure", "conclusion", "diagnostic_names", "diagnostics_figure",
            "early_stopping_figure",
-           "failed_sanity_checks", "inverse_inheritance_table", "learning_curves",
+           "failed_sanity_checks", "harp_rates_table", "inverse_inheritance_table", "learning_curves",
            "learning_curves_figure", "load_run", "load_runs", "main", "methods_table",
            "paper_table", "plot_accuracy_vs_weights", "plot_diagnostics", "plot_early_stopping",
            "plot_learning_curves", "plot_weight_distributions", "surviving_weights",
@@ -46,7 +47,7 @@ def write_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     check_choice("accuracy", accuracy, ACCURACY_FIELDS)
     runs = load_runs(workdirs)
     out_dir = out_dir or runs[0].layout.report_dir
-    tables = (paper_table, methods_table, inverse_inheritance_table)
+    tables = (paper_table, methods_table, inverse_inheritance_table, harp_rates_table)
     markdown, latex = ("\n".join(t for t in (table(runs, fmt, accuracy=accuracy) for table in tables)
                                  if t) for fmt in FORMATS)
     for extra in (failed_sanity_checks(runs), conclusion(runs, accuracy)):

@@ -21,11 +21,12 @@ from sparse_robust.runs.layout import Layout, UnitFiles
 ACCURACY_FIELDS = {"final": ("clean_accuracy", "robust_accuracy"),
                    "early_stop": ("early_stop_clean_accuracy", "early_stop_robust_accuracy")}
 # Row order of the methods: the dense network, the chain's tickets, then the branches.
-METHOD_ORDER = ("dense", "lottery", "inherit", "reinit", "random", "hydra", "inverse_inheritance",
-                "scratch_large")
+METHOD_ORDER = ("dense", "lottery", "inherit", "reinit", "random", "hydra", "harp", "radmm",
+                "inverse_inheritance", "scratch_large")
 METHOD_TITLES = {"dense": "dense", "lottery": "lottery ticket", "inherit": "inherit (one-shot)",
                  "reinit": "same mask, random reinit", "random": "random mask",
-                 "hydra": "HYDRA", "inverse_inheritance": "inverse inheritance",
+                 "hydra": "HYDRA", "harp": "HARP", "radmm": "RADMM",
+                 "inverse_inheritance": "inverse inheritance",
                  "scratch_large": "large, from scratch"}
 _ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD", "apgd_t": "APGD-T",
                  "fab_t": "FAB-T", "square": "Square", "autoattack": "AutoAttack"}

@@ -37,7 +37,7 @@ def _latex_escape(text: str) -> str:
 
 def _render(fmt: str, caption: str, header: list, blocks: list, notes: Sequence[str] = ()) -> str:
     """A table with its caption above and its legend notes below."""
-    text_columns = ("Run", "Method", "Large network")
+    text_columns = ("Run", "Method", "Large network", "Layer")
     if fmt == "markdown":
         lines = [caption, "", "| " + " | ".join(header) + " |",
                  "|" + "|".join("---" if h in text_columns else "---:" for h in header) + "|"]
@@ -233,6 +233,42 @@ def inverse_inheritance_table(runs: Union[Run, Sequence[Run]], fmt: str = "markd
                "inheriting a sparse network; test accuracy (%), mean ± std over trials; gain in "
                "points over from scratch.")
     return _render(fmt, caption, header, blocks, legend(runs, attacks))
+
+
+def harp_rates_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
+                     accuracy: str = "final") -> str:
+    """HARP's keep rates per layer (%), learned / final (scaled to the level's target), one
+    column per sparsity, mean ± std over trials; "" when no record has them. (``accuracy`` is
+    accepted so every table takes the same arguments; rates do not depend on it.)"""
+    check_choice("fmt", fmt, FORMATS)
+    runs = as_runs(runs)
+    show_run = len(runs) > 1
+    blocks, columns = [], {}
+    for run in runs:
+        records = [r for r in run.records if "harp_rates" in r]
+        levels = sorted({r["level"] for r in records})
+        for level in levels:
+            columns.setdefault(level, _level_label(level, [r for r in run.records
+                                                           if r["level"] == level]))
+        layers = list(dict.fromkeys(l for r in records for l in r["harp_rates"]["learned"]))
+        block = []
+        for layer in layers:
+            row = ([run.label] if show_run else []) + [layer]
+            for level in columns:
+                at = [r["harp_rates"] for r in records if r["level"] == level]
+                row.append(_MISSING[fmt] if not at else " / ".join(
+                    _cell([a[kind][layer] for a in at], 100, 2, fmt)
+                    for kind in ("learned", "final")))
+            block.append(row)
+        if block:
+            blocks.append(block)
+    if not blocks:
+        return ""
+    header = (["Run"] if show_run else []) + ["Layer"] + list(columns.values())
+    caption = ("HARP's keep rate per layer (% of the layer's weights): learned in the score phase "
+               "/ final (the learned rates scaled by one factor to the level's weights "
+               "remaining); mean ± std over trials.")
+    return _render(fmt, caption, header, blocks)
 
 
 def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:

@@ -137,6 +137,8 @@ class RatePenalizedObjective:
     num_steps: int
 
     def __getattr__(self, name):  # name, adversarial, adv_weight, ...: the inner objective's
+        if name.startswith("__") or name == "objective":  # copy/pickle probes, unset fields
+            raise AttributeError(name)
         return getattr(self.objective, name)
 
     def gamma_at(self, step):

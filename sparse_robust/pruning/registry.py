@@ -82,6 +82,10 @@ register(Method("random", "A random mask of the same per-layer counts, fine-tune
                 f"{_LIB}.criteria", f"{_BRANCHES}.random"))
 register(Method("hydra", "HYDRA (Sehwag et al. 2020): trained scores, then fine-tuning.",
                 f"{_LIB}.hydra", f"{_BRANCHES}.hydra"))
+register(Method("harp", "HARP (Zhao & Wressnegger 2023): learned scores and per-layer rates.",
+                f"{_LIB}.harp", f"{_BRANCHES}.harp"))
+register(Method("radmm", "RADMM (Ye et al. 2019): adversarial ADMM training, hard pruning.",
+                f"{_LIB}.radmm", f"{_BRANCHES}.radmm"))
 register(Method("inverse_inheritance",
                 "Inverse weights inheritance (Wang et al.): a sparse network's weights in a "
                 "wider one.", f"{_LIB}.inheritance", f"{_BRANCHES}.inverse_inheritance"))

@@ -1,6 +1,12 @@
 """hydra: HYDRA (Sehwag et al. 2020): train importance scores with the weights of the dense
-network frozen (its own phase, ``score_phase/``), keep the top scores of every layer at the
-level's weights remaining, then fine-tune the weights under that mask."""
+network frozen (its own phase, ``score_phase/``), keep the top scores at the level's weights
+remaining, then fine-tune the weights under that mask.
+
+How many weights each layer keeps is the ``allocation`` setting: "level" (default) keeps in every
+layer as many as the one-shot magnitude mask of the dense network at the chain's scope (the
+random branch's per-layer sizes); "uniform" keeps the same fraction of every layer (the paper's
+layer-wise k, which at 1 % leaves dense-300-100's output layer 10 weights and collapses);
+"global" ranks all scaled scores together."""
 
 from __future__ import annotations
 
@@ -9,22 +15,35 @@ from sparse_robust import masks as masks_lib
 from sparse_robust.runs import fit as fit_lib
 from sparse_robust.runs import store
 from sparse_robust.runs.branches import Branch
-from sparse_robust.runs.fields import field, integer, number
+from sparse_robust.runs.branches.inherit import one_shot_mask
+from sparse_robust.runs.fields import choice, field, integer, number
+
+ALLOCATIONS = ("level", "uniform", "global")
 
 
-def _score_context(b, weights_remaining: float):
+def allocation(b, dense_params):
+    """(weights_remaining, scope) of the top-k: per layer or one fraction, as configured."""
+    level_mask = b.chain(b.level).mask
+    if b.settings["allocation"] == "level":
+        return (masks_lib.layer_weights_remaining(one_shot_mask(dense_params, level_mask,
+                                                                b.scope)), "layerwise")
+    return (masks_lib.weights_remaining(level_mask),
+            "global" if b.settings["allocation"] == "global" else "layerwise")
+
+
+def _score_context(b, weights_remaining, scope: str):
     return b.ctx.phase(b.settings["num_steps"], b.settings["learning_rate"]).derive(
-        model_fn=hydra.make_score_model_fn(b.ctx.model_fn, weights_remaining))
+        model_fn=hydra.make_score_model_fn(b.ctx.model_fn, weights_remaining, scope))
 
 
 def run(b):
     dense = b.chain(0)
-    weights_remaining = masks_lib.weights_remaining(b.chain(b.level).mask)
+    weights_remaining, scope = allocation(b, dense.params)
     phase = b.files.phase("score_phase")
     scores_path, summary_path = phase.extra("final_scores"), phase.extra("score_phase.json")
     like = (hydra.init_scores(dense.params), dense.model_state)
     if not store.exists(scores_path):
-        ctx = _score_context(b, weights_remaining)
+        ctx = _score_context(b, weights_remaining, scope)
         state = hydra.create_score_state(dense.params, dense.model_state, like[0], ctx.optimizer,
                                          b.key("hydra_scores", b.level, "train"))
         [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
@@ -36,7 +55,7 @@ def run(b):
         store.save_tree(scores_path, (outcome.state.params,
                                       outcome.state.model_state["model_state"]))
     scores, model_state = store.load_tree(scores_path, like)
-    return b.train((dense.params, model_state), hydra.topk_mask(scores, weights_remaining),
+    return b.train((dense.params, model_state), hydra.topk_mask(scores, weights_remaining, scope),
                    score_phase=store.read_json(summary_path))
 
 
@@ -44,7 +63,11 @@ BRANCH = Branch(
     name="hydra", run=run, doc="HYDRA score training, then fine-tuning under the top scores.",
     settings=(field("num_steps", integer(0), "Score-training steps (0 = train.num_steps)."),
               field("learning_rate", number(0),
-                    "Score-training learning rate (0 = train.learning_rate).")),
-    defaults={"num_steps": 0, "learning_rate": 0.0},
+                    "Score-training learning rate (0 = train.learning_rate)."),
+              field("allocation", choice(ALLOCATIONS),
+                    "Weights kept per layer: those of the one-shot magnitude mask at the "
+                    "chain's scope (level), the same fraction everywhere (uniform), or one "
+                    "top-k over all layers (global).")),
+    defaults={"num_steps": 0, "learning_rate": 0.0, "allocation": "level"},
     steps=lambda b: (b.finetune.schedule.num_steps
                      + (b.settings["num_steps"] or b.ctx.schedule.num_steps)))

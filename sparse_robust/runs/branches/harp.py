@@ -1,0 +1,67 @@
+"""harp: HARP (Zhao & Wressnegger 2023): with the dense network's weights frozen, learn scores and
+per-layer keep rates under the rate penalty (its own phase, ``score_phase/``), keep each layer's
+top scores at the learned rates (scaled to the level's weights remaining), then fine-tune the
+weights under that mask. The record carries the learned and final rates per layer."""
+
+from __future__ import annotations
+
+from sparse_robust import masks as masks_lib
+from sparse_robust.pruning import harp
+from sparse_robust.runs import fit as fit_lib
+from sparse_robust.runs import store
+from sparse_robust.runs.branches import Branch
+from sparse_robust.runs.fields import field, integer, number
+
+
+def _score_context(b, target: float, scores):
+    s = b.settings
+    ctx = b.ctx.phase(s["num_steps"], s["learning_rate"])
+    objective = harp.make_objective(b.ctx.objective, scores, target, s["alpha"], s["gamma"],
+                                    ctx.schedule.num_steps)
+    return ctx.derive(model_fn=harp.make_score_model_fn(b.ctx.model_fn,
+                                                        harp.k_min(target, s["alpha"])),
+                      objective=objective)
+
+
+def run(b):
+    dense = b.chain(0)
+    target = masks_lib.weights_remaining(b.chain(b.level).mask)
+    s = b.settings
+    phase = b.files.phase("score_phase")
+    scores_path, summary_path = phase.extra("final_scores"), phase.extra("score_phase.json")
+    scores = harp.init_scores(dense.params)
+    logits = harp.init_rate_logits(masks_lib.create_mask(dense.params), target, s["alpha"])
+    like = ({"scores": scores, "rate_logits": logits}, dense.model_state)
+    if not store.exists(scores_path):
+        ctx = _score_context(b, target, scores)
+        state = harp.create_score_state(dense.params, dense.model_state, scores, logits,
+                                        ctx.optimizer, b.key("harp_scores", b.level, "train"))
+        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
+            state=state, data_key=b.key("data"), eval_key=b.key("harp_scores", b.level, "eval"),
+            files=phase, label=f"trial {b.trial} level {b.level} harp scores")])
+        store.write_json(summary_path, {"steps": int(outcome.state.step),
+                                        "early_stop_step": outcome.best_step,
+                                        "train_seconds": outcome.train_seconds})
+        store.save_tree(scores_path, (outcome.state.params,
+                                      outcome.state.model_state["model_state"]))
+    learned, model_state = store.load_tree(scores_path, like)
+    mask, learned_rates, final_rates = harp.final_mask(learned["scores"], learned["rate_logits"],
+                                                       target, s["alpha"])
+    return b.train((dense.params, model_state), mask, score_phase=store.read_json(summary_path),
+                   harp_rates={"learned": learned_rates, "final": final_rates})
+
+
+BRANCH = Branch(
+    name="harp", run=run,
+    doc="HARP: learned scores and per-layer keep rates, then fine-tuning under that mask.",
+    settings=(field("num_steps", integer(0), "Score-phase steps (0 = train.num_steps)."),
+              field("learning_rate", number(0),
+                    "Score-phase learning rate (0 = train.learning_rate)."),
+              field("alpha", number(0, 1, high_open=True),
+                    "k_min = alpha * target: the lowest keep rate a layer may learn."),
+              field("gamma", number(0),
+                    "Weight of the rate penalty at the end of the score phase (it rises "
+                    "linearly from 0).")),
+    defaults={"num_steps": 0, "learning_rate": 0.0, "alpha": 0.1, "gamma": 10.0},
+    steps=lambda b: (b.finetune.schedule.num_steps
+                     + (b.settings["num_steps"] or b.ctx.schedule.num_steps)))

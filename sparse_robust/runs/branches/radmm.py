@@ -1,0 +1,67 @@
+"""radmm: RADMM (Ye et al. 2019): adversarial training of the dense network under the ADMM
+penalty towards the level's weights remaining (its own phase, ``admm_phase/``), then hard
+pruning to Z's support and adversarial fine-tuning under that mask."""
+
+from __future__ import annotations
+
+from sparse_robust import masks as masks_lib
+from sparse_robust import training
+from sparse_robust.pruning import radmm
+from sparse_robust.runs import fit as fit_lib
+from sparse_robust.runs import store
+from sparse_robust.runs.branches import Branch
+from sparse_robust.runs.fields import choice, field, integer, number
+
+
+def _admm_context(b, weights_remaining: float):
+    s = b.settings
+    ctx = b.ctx.phase(s["num_steps"], s["learning_rate"])
+    steps_per_round = max(1, ctx.schedule.num_steps // s["rounds"])
+    objective = radmm.make_objective(b.ctx.objective, weights_remaining, s["scope"], s["rho"],
+                                     s["rho_growth"], steps_per_round)
+    return ctx.derive(model_fn=radmm.make_model_fn(b.ctx.model_fn), objective=objective)
+
+
+def run(b):
+    dense = b.chain(0)
+    weights_remaining = masks_lib.weights_remaining(b.chain(b.level).mask)
+    scope = b.settings["scope"]
+    phase = b.files.phase("admm_phase")
+    final_path, summary_path = phase.extra("final_admm"), phase.extra("admm_phase.json")
+    every = masks_lib.create_mask(dense.params)
+    like = (dense.params, radmm.init_state(dense.params, dense.model_state, every,
+                                           weights_remaining, scope))
+    if not store.exists(final_path):
+        ctx = _admm_context(b, weights_remaining)
+        state = training.create_train_state(like[0], like[1], ctx.optimizer, every,
+                                             b.key("radmm", b.level, "train"))
+        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
+            state=state, data_key=b.key("data"), eval_key=b.key("radmm", b.level, "eval"),
+            files=phase, label=f"trial {b.trial} level {b.level} radmm")])
+        residual = float(radmm.residual(outcome.state.params, outcome.state.model_state["admm"]))
+        store.write_json(summary_path, {"steps": int(outcome.state.step),
+                                        "early_stop_step": outcome.best_step,
+                                        "train_seconds": outcome.train_seconds,
+                                        "final_residual": residual})
+        store.save_tree(final_path, (outcome.state.params, outcome.state.model_state))
+    params, admm_state = store.load_tree(final_path, like)
+    mask = radmm.hard_prune_mask(admm_state["admm"], weights_remaining, scope)
+    return b.train((params, admm_state["model_state"]), mask,
+                   admm_phase=store.read_json(summary_path))
+
+
+BRANCH = Branch(
+    name="radmm", run=run,
+    doc="RADMM: adversarial ADMM training towards the sparsity, hard pruning, fine-tuning.",
+    settings=(field("num_steps", integer(0), "ADMM-phase steps (0 = train.num_steps)."),
+              field("learning_rate", number(0),
+                    "ADMM-phase learning rate (0 = train.learning_rate)."),
+              field("rounds", integer(1), "ADMM rounds (Z/U updates) over the ADMM phase."),
+              field("rho", number(0, low_open=True), "ADMM penalty ρ of the first round."),
+              field("rho_growth", number(1), "ρ's factor per round (1 = constant)."),
+              field("scope", choice(radmm.SCOPES),
+                    "The sparsity constraint: per layer or over all layers.")),
+    defaults={"num_steps": 0, "learning_rate": 0.0, "rounds": 10, "rho": 0.01,
+              "rho_growth": 1.3, "scope": "global"},
+    steps=lambda b: (b.finetune.schedule.num_steps
+                     + (b.settings["num_steps"] or b.ctx.schedule.num_steps)))
