@@ -80,14 +80,21 @@ def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
     return chunk
 
 
+ATTACKED_ALL = "all"
+ATTACKED_CLEAN_CORRECT = "clean_correct"
+
+
 @dataclasses.dataclass(frozen=True)
 class PerExample:
     """Per-example outcome of one evaluation: correct classification and cross-entropy (NaN for
-    a staged attack, which has no single adversarial point), and for a staged attack the
-    robustness after each stage (cumulative)."""
+    a staged attack, which has no single adversarial point, and for images not attacked), for a
+    staged attack the robustness after each stage (cumulative), and which images the attack ran
+    on: ``"all"``, or ``"clean_correct"`` (the others count as not robust, as in the reference:
+    an image misclassified clean is not robust whatever the attack does)."""
     correct: np.ndarray  # bool [N]
     loss: np.ndarray     # float32 [N]
     stages: Optional[dict[str, np.ndarray]] = None
+    attacked: str = ATTACKED_ALL
 
 
 def staged(attack) -> Optional[dict[str, Attack]]:
@@ -228,8 +235,15 @@ class Evaluator:
     def per_example(self, params, model_state, images, labels,
                     attacks: Optional[Mapping[str, Attack]] = None,
                     key: Optional[jax.Array] = None, *,
-                    progress: bool = False) -> dict[str, PerExample]:
-        """{"clean": ..., <attack name>: ...} per-example correctness and cross-entropy."""
+                    progress: bool = False, adversarial_loss: bool = True) -> dict[str, PerExample]:
+        """{"clean": ..., <attack name>: ...} per-example correctness and cross-entropy.
+
+        With ``adversarial_loss=False`` an attack on true labels (an `Attack` with
+        ``label_source="true"``) runs only on the images classified correctly clean, compacted
+        as AutoAttack's stages are (``attacks.autoattack.run_stages``: chunk c uses
+        ``fold_in(fold_in(key', 0), c)``, key' the attack's key); the others are not robust and
+        their loss is NaN (``PerExample.attacked == "clean_correct"``). AutoAttack always runs so.
+        """
         images, labels = _check_data(images, labels)
         attacks = attacks or {}
         _check_attacks(attacks)
@@ -245,6 +259,13 @@ class Evaluator:
                                              out[CLEAN].correct, keys_lib.derive(key, name),
                                              progress, name)
                 continue
+            if not adversarial_loss and isinstance(attack, Attack) \
+                    and attack.label_source == "true":
+                only = self._run_stages(params, model_state, images, labels, {name: attack},
+                                        out[CLEAN].correct, keys_lib.derive(key, name),
+                                        progress, name)
+                out[name] = dataclasses.replace(only, stages=None)
+                continue
             # The clean program ignores its key: any fixed one keeps the signature uniform.
             attack_key = _UNUSED_KEY if attack is None else keys_lib.derive(key, name)
             correct, loss = [], []
@@ -258,20 +279,25 @@ class Evaluator:
 
     def evaluate(self, params, model_state, images, labels,
                  attacks: Optional[Mapping[str, Attack]] = None, key: Optional[jax.Array] = None,
-                 *, progress: bool = False) -> dict[str, float]:
+                 *, progress: bool = False, adversarial_loss: bool = True) -> dict[str, float]:
         """Mean accuracy and loss, clean and under each attack, plus the per-example worst case.
 
         Returns ``{"accuracy", "loss", "<name>_accuracy", "<name>_loss" for each attack, and with
         attacks "worst_case_accuracy"}``: an example counts for the worst case only if it is
-        classified correctly clean and under every attack.
+        classified correctly clean and under every attack. A staged attack (AutoAttack) has no
+        loss but "<name>/<stage>_accuracy" per stage. With ``adversarial_loss=False`` an attack
+        on true labels runs only on the images correct clean (see `per_example`): no
+        "<name>_loss", and ``"<name>_attacked_clean_correct_only": 1.0`` says so.
         """
         results = self.per_example(params, model_state, images, labels, attacks, key,
-                                   progress=progress)
+                                   progress=progress, adversarial_loss=adversarial_loss)
         out = {}
         for name, outcome in results.items():
             prefix = "" if name == CLEAN else f"{name}_"
             out[f"{prefix}accuracy"] = float(outcome.correct.mean())
-            if outcome.stages is None:
+            if outcome.stages is None and outcome.attacked == ATTACKED_CLEAN_CORRECT:
+                out[f"{name}_attacked_clean_correct_only"] = 1.0
+            elif outcome.stages is None:
                 out[f"{prefix}loss"] = float(outcome.loss.mean())
             else:
                 out.update({f"{name}/{stage}_accuracy": float(robust.mean())
@@ -307,7 +333,8 @@ class Evaluator:
                            batch_size=size, bucket_sizes=buckets, progress=advance)
         bar.close()
         last = flags[tuple(stages)[-1]]
-        return PerExample(last, np.full(len(images), np.nan, np.float32), flags)
+        return PerExample(last, np.full(len(images), np.nan, np.float32), flags,
+                          ATTACKED_CLEAN_CORRECT)
 
     def _compacted(self, params, model_state, attack: Attack, x, y, key, buckets) -> np.ndarray:
         """Still correct [B] after `attack` (made of passes) on one chunk, each pass run only on

@@ -262,3 +262,35 @@ def test_sweep_and_sanity_inputs_are_validated(trained):
     with pytest.raises(ValueError, match="attacks lacks"):
         evaluation.run_sanity_checks(ev, variables, {}, images, labels, fast_key(0), eps=0.1,
                                      attacks={"pgd": apgd})
+
+
+def test_without_adversarial_loss_only_images_correct_clean_are_attacked(trained):
+    """adversarial_loss=False: the attack's program sees only the images correct clean
+    (compacted: its traced batch is the count of those, not the dataset), the others count as
+    not robust, the result says so, and per image the verdict is the full run's (a
+    deterministic attack, so keys and batching do not matter)."""
+    model_fn, variables, images, labels = trained
+    labels = labels.copy()
+    labels[::3] = (labels[::3] + 1) % 2  # A third of the images wrong clean.
+    traced = []
+
+    def counting_model_fn(params, state, z, train):
+        traced.append(z.shape[0])
+        return model_fn(params, state, z, train)
+
+    ev = evaluation.Evaluator(counting_model_fn, batch_size=len(images))
+    full = ev.per_example(variables, {}, images, labels, DETERMINISTIC, fast_key(0))
+    clean = full["clean"].correct
+    traced.clear()
+    skipped = ev.per_example(variables, {}, images, labels, DETERMINISTIC, fast_key(0),
+                             adversarial_loss=False)
+    assert 0.4 < clean.mean() < 0.8
+    assert max(traced) < len(images) and max(traced) <= clean.sum()  # never the whole dataset
+    for name in DETERMINISTIC:
+        np.testing.assert_array_equal(skipped[name].correct, full[name].correct & clean)
+        assert skipped[name].attacked == "clean_correct" and full[name].attacked == "all"
+        assert np.all(np.isnan(skipped[name].loss))
+    summary = ev.evaluate(variables, {}, images, labels, DETERMINISTIC, fast_key(0),
+                          adversarial_loss=False)
+    assert "pgd_loss" not in summary and summary["pgd_attacked_clean_correct_only"] == 1.0
+    assert summary["pgd_accuracy"] == pytest.approx((full["pgd"].correct & clean).mean())
