@@ -533,6 +533,71 @@ def square_check(stage_accuracies: Mapping[str, float], num_examples: int, *,
     return Check("square_finds_nothing_new", passed, detail)
 
 
+def _logits_program(evaluator: Evaluator):
+    key = ("logits",)
+    if key not in evaluator._programs:
+        model_fn = evaluator.model_fn
+        evaluator._programs[key] = jax.jit(lambda p, s, x: model_fn(p, s, x, False)[0])
+    return evaluator._programs[key]
+
+
+def randomness_check(evaluator: Evaluator, params, model_state, images, *,
+                     tolerance: float = 1e-4) -> Check:
+    """The reference's warning for a randomised model: two clean passes over the same images
+    must give the same logits. The second pass takes the batch in reverse order, so a model
+    whose output depends on its neighbours in the batch or on its position (dropout left on
+    with a fixed key, batch norm in train mode) shows it too. Attacks on such a model see a
+    different function at each query, so its robust accuracy is not to be trusted.
+
+    Passes when every logit agrees within ``tolerance · (1 + max |logit|)``.
+    """
+    images = _check_data(images, np.zeros(len(images), np.int32))[0]
+    logits = _logits_program(evaluator)
+    first = np.asarray(logits(params, model_state, images))
+    second = np.asarray(logits(params, model_state, images[::-1]))[::-1]
+    gap = float(np.max(np.abs(first - second)))
+    bound = tolerance * (1.0 + float(np.max(np.abs(first))))
+    passed = gap <= bound
+    detail = (f"largest logit difference between two clean passes over {len(images)} images "
+              f"{gap:.3g} (bound {bound:.3g})"
+              + ("" if passed else " (the model is randomised or batch-dependent at evaluation: "
+                                   "evaluate it in eval mode, deterministically)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: deterministic_at_evaluation: %s", detail)
+    return Check("deterministic_at_evaluation", passed, detail)
+
+
+def zero_gradient_check(evaluator: Evaluator, params, model_state, images, labels, *,
+                        max_share: float = 0.01) -> Check:
+    """The reference's warning for zero gradients: the share of images whose input gradient of
+    the cross-entropy is zero (sum of |∂L/∂x| < 1e-8, the reference's threshold). Gradient
+    attacks cannot move from such points (saturated softmax, rounding or other non-
+    differentiable input processing), so their numbers overestimate robustness; more than
+    ``max_share`` of the images fails the check."""
+    images, labels = _check_data(images, labels)
+    key = ("input_gradient_size",)
+    if key not in evaluator._programs:
+        model_fn = evaluator.model_fn
+
+        def gradient_size(params, model_state, x, y):
+            loss = lambda z: jnp.sum(cross_entropy(model_fn(params, model_state, z, False)[0], y))
+            grad = jax.grad(loss)(x)
+            return jnp.sum(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=-1)
+
+        evaluator._programs[key] = jax.jit(gradient_size)
+    sizes = np.asarray(evaluator._programs[key](params, model_state, images, labels))
+    zero = int(np.sum(sizes < 1e-8))
+    share = zero / len(images)
+    passed = share <= max_share + 1e-12
+    detail = (f"{zero} of {len(images)} images ({100 * share:.2f} %) have a zero input gradient; "
+              f"allowed {100 * max_share:g} %"
+              + ("" if passed else " (gradient attacks cannot move from them: trust only "
+                                   "gradient-free numbers such as AutoAttack's Square stage)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: few_zero_gradients: %s", detail)
+    return Check("few_zero_gradients", passed, detail)
+
+
 def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
                    num_classes: int = 10) -> dict[str, Attack]:
     """FGSM, PGD (step 2.5·ε / num_steps, Madry et al.), APGD-CE and, with >= 3 classes (which
@@ -554,7 +619,8 @@ def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels,
                       large_eps: Optional[float] = None, tolerance_examples: int = 1,
                       chance_slack: float = 0.05, loss_gap_slack: float = 0.05) -> list[Check]:
     """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep with `evaluator`, then runs
-    `sanity_checks` on the results.
+    `sanity_checks` on the results, and adds the reference's warnings as checks
+    (`randomness_check`, `zero_gradient_check`).
 
     `attacks` (keys "fgsm", "pgd", "apgd", optionally "apgd_dlr") defaults to
     `sanity_attacks(eps, norm, num_steps, num_classes)`; the sweep uses attacks["pgd"] at
@@ -585,7 +651,10 @@ def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels,
     eps_grid = np.append(np.linspace(0.0, eps, sweep_points), large_eps)
     sweep = evaluator.sweep(params, model_state, images, labels, attacks["pgd"], eps_grid,
                             sweep_key)
-    return sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
-                         eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
-                         num_classes=num_classes, tolerance_examples=tolerance_examples,
-                         chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)
+    checks = sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
+                           eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
+                           num_classes=num_classes, tolerance_examples=tolerance_examples,
+                           chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)
+    # The reference's own warnings: a randomised model, and gradients that vanish.
+    return checks + [randomness_check(evaluator, params, model_state, images),
+                     zero_gradient_check(evaluator, params, model_state, images, labels)]
