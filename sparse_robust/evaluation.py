@@ -35,6 +35,7 @@ from sparse_robust import keys as keys_lib
 from sparse_robust import parallel
 from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
 from sparse_robust.attacks import passes
+from sparse_robust.attacks.fmn import fmn_min_norm
 from sparse_robust.attacks.autoattack import run_stages
 from sparse_robust.checks import check_choice
 from sparse_robust.objectives import cross_entropy
@@ -368,6 +369,28 @@ class Evaluator:
                for index, x, y, valid in self._batches(images, labels, False, "adv")]
         return np.concatenate(out)
 
+    def minimal_norms(self, params, model_state, images, labels, attack: Attack) -> np.ndarray:
+        """Per image the smallest adversarial perturbation norm that FMN finds (``attack`` from
+        ``make_attack("fmn", ...)``; its ε is not used): float [N], 0 for an image wrong clean,
+        +∞ where FMN found nothing. `robustness_curve` turns it into accuracy at any ε."""
+        images, labels = _check_data(images, labels)
+        if not (isinstance(attack, Attack) and attack.name == "fmn"):
+            raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from "
+                             "`make_attack('fmn', ...)`.")
+        key = ("minimal_norms", attack)
+        if key not in self._programs:
+            model_fn, options = self.model_fn, dict(attack.options)
+
+            def norms(params, model_state, x, y):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                return fmn_min_norm(logits_fn, x, y, **options)[1]
+
+            self._programs[key] = self._jit(norms, 4)
+        params, model_state = self._params(params, model_state)
+        out = [np.asarray(self._programs[key](params, model_state, x, y))[:valid]
+               for _, x, y, valid in self._batches(images, labels, False, "fmn")]
+        return np.concatenate(out)
+
     def sweep(self, params, model_state, images, labels, attack: Attack, eps_grid, key,
               step_size_ratio: Optional[float] = None) -> np.ndarray:
         """Robust accuracy under ``attack`` at each ε of ``eps_grid`` (float array [E]), vmapped
@@ -395,6 +418,23 @@ class Evaluator:
             correct = program(params, model_state, x, y, jax.random.fold_in(key, index), *extra)
             totals += np.asarray(correct)[:, :valid].sum(axis=1)
         return totals / len(images)
+
+
+def robustness_curve(norms, eps_grid) -> np.ndarray:
+    """Robust accuracy at each ε of `eps_grid` from per-image minimal adversarial norms
+    (`Evaluator.minimal_norms`): the share of images whose norm exceeds ε (an adversarial
+    point at norm ε lies in the ε-ball). Non-increasing in ε by construction."""
+    norms, eps_grid = np.asarray(norms, np.float64), np.asarray(eps_grid, np.float64)
+    if norms.ndim != 1 or eps_grid.ndim != 1 or np.any(eps_grid < 0):
+        raise ValueError(f"norms [N] and eps_grid [E] (>= 0) are expected; got shapes "
+                         f"{norms.shape}, {eps_grid.shape}.")
+    return np.mean(norms[None, :] > eps_grid[:, None], axis=1)
+
+
+def median_norm(norms) -> float:
+    """The median minimal adversarial norm (0 counts images wrong clean, +∞ those FMN could not
+    break): the ε at which robust accuracy falls to about one half."""
+    return float(np.median(np.asarray(norms, np.float64)))
 
 
 def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> Optional[np.ndarray]:
@@ -596,6 +636,24 @@ def zero_gradient_check(evaluator: Evaluator, params, model_state, images, label
     if not passed:
         logging.info("Robustness sanity check FAILED: few_zero_gradients: %s", detail)
     return Check("few_zero_gradients", passed, detail)
+
+
+def fmn_check(fmn_accuracy: float, autoattack_accuracy: float, num_examples: int, *,
+              slack: float = 0.0) -> Check:
+    """AutoAttack missed points: FMN's robustness curve at AutoAttack's ε (`robustness_curve`)
+    should not fall below AutoAttack's robust accuracy, the stronger of the two by design. More
+    than ``slack`` (a fraction of the images) below it means FMN found adversarial points within
+    ε that every AutoAttack stage missed."""
+    gap = autoattack_accuracy - fmn_accuracy
+    count = round(gap * num_examples)
+    passed = gap <= slack + 1e-9
+    detail = (f"FMN at AutoAttack's ε {100 * fmn_accuracy:.2f} % vs AutoAttack "
+              f"{100 * autoattack_accuracy:.2f} % ({max(count, 0)} of {num_examples} images); "
+              f"slack {100 * slack:g} %" + ("" if passed else " (AutoAttack missed points: "
+                                                             "trust the lower number)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: fmn_finds_nothing_new: %s", detail)
+    return Check("fmn_finds_nothing_new", passed, detail)
 
 
 def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
