@@ -3,7 +3,6 @@ the box, minimal norms against the closed-form distance of a linear classifier t
 boundary, and robustness curves."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
