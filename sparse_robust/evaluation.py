@@ -35,6 +35,7 @@ from sparse_robust import keys as keys_lib
 from sparse_robust import parallel
 from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
 from sparse_robust.attacks import passes
+from sparse_robust.attacks.fmn import fmn_min_norm
 from sparse_robust.attacks.autoattack import run_stages
 from sparse_robust.checks import check_choice
 from sparse_robust.objectives import cross_entropy
@@ -80,14 +81,21 @@ def pad_batch(array: np.ndarray, start: int, batch_size: int) -> np.ndarray:
     return chunk
 
 
+ATTACKED_ALL = "all"
+ATTACKED_CLEAN_CORRECT = "clean_correct"
+
+
 @dataclasses.dataclass(frozen=True)
 class PerExample:
     """Per-example outcome of one evaluation: correct classification and cross-entropy (NaN for
-    a staged attack, which has no single adversarial point), and for a staged attack the
-    robustness after each stage (cumulative)."""
+    a staged attack, which has no single adversarial point, and for images not attacked), for a
+    staged attack the robustness after each stage (cumulative), and which images the attack ran
+    on: ``"all"``, or ``"clean_correct"`` (the others count as not robust, as in the reference:
+    an image misclassified clean is not robust whatever the attack does)."""
     correct: np.ndarray  # bool [N]
     loss: np.ndarray     # float32 [N]
     stages: Optional[dict[str, np.ndarray]] = None
+    attacked: str = ATTACKED_ALL
 
 
 def staged(attack) -> Optional[dict[str, Attack]]:
@@ -228,8 +236,15 @@ class Evaluator:
     def per_example(self, params, model_state, images, labels,
                     attacks: Optional[Mapping[str, Attack]] = None,
                     key: Optional[jax.Array] = None, *,
-                    progress: bool = False) -> dict[str, PerExample]:
-        """{"clean": ..., <attack name>: ...} per-example correctness and cross-entropy."""
+                    progress: bool = False, adversarial_loss: bool = True) -> dict[str, PerExample]:
+        """{"clean": ..., <attack name>: ...} per-example correctness and cross-entropy.
+
+        With ``adversarial_loss=False`` an attack on true labels (an `Attack` with
+        ``label_source="true"``) runs only on the images classified correctly clean, compacted
+        as AutoAttack's stages are (``attacks.autoattack.run_stages``: chunk c uses
+        ``fold_in(fold_in(key', 0), c)``, key' the attack's key); the others are not robust and
+        their loss is NaN (``PerExample.attacked == "clean_correct"``). AutoAttack always runs so.
+        """
         images, labels = _check_data(images, labels)
         attacks = attacks or {}
         _check_attacks(attacks)
@@ -245,6 +260,13 @@ class Evaluator:
                                              out[CLEAN].correct, keys_lib.derive(key, name),
                                              progress, name)
                 continue
+            if not adversarial_loss and isinstance(attack, Attack) \
+                    and attack.label_source == "true":
+                only = self._run_stages(params, model_state, images, labels, {name: attack},
+                                        out[CLEAN].correct, keys_lib.derive(key, name),
+                                        progress, name)
+                out[name] = dataclasses.replace(only, stages=None)
+                continue
             # The clean program ignores its key: any fixed one keeps the signature uniform.
             attack_key = _UNUSED_KEY if attack is None else keys_lib.derive(key, name)
             correct, loss = [], []
@@ -258,20 +280,25 @@ class Evaluator:
 
     def evaluate(self, params, model_state, images, labels,
                  attacks: Optional[Mapping[str, Attack]] = None, key: Optional[jax.Array] = None,
-                 *, progress: bool = False) -> dict[str, float]:
+                 *, progress: bool = False, adversarial_loss: bool = True) -> dict[str, float]:
         """Mean accuracy and loss, clean and under each attack, plus the per-example worst case.
 
         Returns ``{"accuracy", "loss", "<name>_accuracy", "<name>_loss" for each attack, and with
         attacks "worst_case_accuracy"}``: an example counts for the worst case only if it is
-        classified correctly clean and under every attack.
+        classified correctly clean and under every attack. A staged attack (AutoAttack) has no
+        loss but "<name>/<stage>_accuracy" per stage. With ``adversarial_loss=False`` an attack
+        on true labels runs only on the images correct clean (see `per_example`): no
+        "<name>_loss", and ``"<name>_attacked_clean_correct_only": 1.0`` says so.
         """
         results = self.per_example(params, model_state, images, labels, attacks, key,
-                                   progress=progress)
+                                   progress=progress, adversarial_loss=adversarial_loss)
         out = {}
         for name, outcome in results.items():
             prefix = "" if name == CLEAN else f"{name}_"
             out[f"{prefix}accuracy"] = float(outcome.correct.mean())
-            if outcome.stages is None:
+            if outcome.stages is None and outcome.attacked == ATTACKED_CLEAN_CORRECT:
+                out[f"{name}_attacked_clean_correct_only"] = 1.0
+            elif outcome.stages is None:
                 out[f"{prefix}loss"] = float(outcome.loss.mean())
             else:
                 out.update({f"{name}/{stage}_accuracy": float(robust.mean())
@@ -307,7 +334,8 @@ class Evaluator:
                            batch_size=size, bucket_sizes=buckets, progress=advance)
         bar.close()
         last = flags[tuple(stages)[-1]]
-        return PerExample(last, np.full(len(images), np.nan, np.float32), flags)
+        return PerExample(last, np.full(len(images), np.nan, np.float32), flags,
+                          ATTACKED_CLEAN_CORRECT)
 
     def _compacted(self, params, model_state, attack: Attack, x, y, key, buckets) -> np.ndarray:
         """Still correct [B] after `attack` (made of passes) on one chunk, each pass run only on
@@ -341,6 +369,28 @@ class Evaluator:
                for index, x, y, valid in self._batches(images, labels, False, "adv")]
         return np.concatenate(out)
 
+    def minimal_norms(self, params, model_state, images, labels, attack: Attack) -> np.ndarray:
+        """Per image the smallest adversarial perturbation norm that FMN finds (``attack`` from
+        ``make_attack("fmn", ...)``; its ε is not used): float [N], 0 for an image wrong clean,
+        +∞ where FMN found nothing. `robustness_curve` turns it into accuracy at any ε."""
+        images, labels = _check_data(images, labels)
+        if not (isinstance(attack, Attack) and attack.name == "fmn"):
+            raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from "
+                             "`make_attack('fmn', ...)`.")
+        key = ("minimal_norms", attack)
+        if key not in self._programs:
+            model_fn, options = self.model_fn, dict(attack.options)
+
+            def norms(params, model_state, x, y):
+                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                return fmn_min_norm(logits_fn, x, y, **options)[1]
+
+            self._programs[key] = self._jit(norms, 4)
+        params, model_state = self._params(params, model_state)
+        out = [np.asarray(self._programs[key](params, model_state, x, y))[:valid]
+               for _, x, y, valid in self._batches(images, labels, False, "fmn")]
+        return np.concatenate(out)
+
     def sweep(self, params, model_state, images, labels, attack: Attack, eps_grid, key,
               step_size_ratio: Optional[float] = None) -> np.ndarray:
         """Robust accuracy under ``attack`` at each ε of ``eps_grid`` (float array [E]), vmapped
@@ -368,6 +418,23 @@ class Evaluator:
             correct = program(params, model_state, x, y, jax.random.fold_in(key, index), *extra)
             totals += np.asarray(correct)[:, :valid].sum(axis=1)
         return totals / len(images)
+
+
+def robustness_curve(norms, eps_grid) -> np.ndarray:
+    """Robust accuracy at each ε of `eps_grid` from per-image minimal adversarial norms
+    (`Evaluator.minimal_norms`): the share of images whose norm exceeds ε (an adversarial
+    point at norm ε lies in the ε-ball). Non-increasing in ε by construction."""
+    norms, eps_grid = np.asarray(norms, np.float64), np.asarray(eps_grid, np.float64)
+    if norms.ndim != 1 or eps_grid.ndim != 1 or np.any(eps_grid < 0):
+        raise ValueError(f"norms [N] and eps_grid [E] (>= 0) are expected; got shapes "
+                         f"{norms.shape}, {eps_grid.shape}.")
+    return np.mean(norms[None, :] > eps_grid[:, None], axis=1)
+
+
+def median_norm(norms) -> float:
+    """The median minimal adversarial norm (0 counts images wrong clean, +∞ those FMN could not
+    break): the ε at which robust accuracy falls to about one half."""
+    return float(np.median(np.asarray(norms, np.float64)))
 
 
 def _sweep_step_sizes(attack: Attack, eps_grid: np.ndarray, step_size_ratio) -> Optional[np.ndarray]:
@@ -506,6 +573,89 @@ def square_check(stage_accuracies: Mapping[str, float], num_examples: int, *,
     return Check("square_finds_nothing_new", passed, detail)
 
 
+def _logits_program(evaluator: Evaluator):
+    key = ("logits",)
+    if key not in evaluator._programs:
+        model_fn = evaluator.model_fn
+        evaluator._programs[key] = jax.jit(lambda p, s, x: model_fn(p, s, x, False)[0])
+    return evaluator._programs[key]
+
+
+def randomness_check(evaluator: Evaluator, params, model_state, images, *,
+                     tolerance: float = 1e-4) -> Check:
+    """The reference's warning for a randomised model: two clean passes over the same images
+    must give the same logits. The second pass takes the batch in reverse order, so a model
+    whose output depends on its neighbours in the batch or on its position (dropout left on
+    with a fixed key, batch norm in train mode) shows it too. Attacks on such a model see a
+    different function at each query, so its robust accuracy is not to be trusted.
+
+    Passes when every logit agrees within ``tolerance · (1 + max |logit|)``.
+    """
+    images = _check_data(images, np.zeros(len(images), np.int32))[0]
+    logits = _logits_program(evaluator)
+    first = np.asarray(logits(params, model_state, images))
+    second = np.asarray(logits(params, model_state, images[::-1]))[::-1]
+    gap = float(np.max(np.abs(first - second)))
+    bound = tolerance * (1.0 + float(np.max(np.abs(first))))
+    passed = gap <= bound
+    detail = (f"largest logit difference between two clean passes over {len(images)} images "
+              f"{gap:.3g} (bound {bound:.3g})"
+              + ("" if passed else " (the model is randomised or batch-dependent at evaluation: "
+                                   "evaluate it in eval mode, deterministically)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: deterministic_at_evaluation: %s", detail)
+    return Check("deterministic_at_evaluation", passed, detail)
+
+
+def zero_gradient_check(evaluator: Evaluator, params, model_state, images, labels, *,
+                        max_share: float = 0.01) -> Check:
+    """The reference's warning for zero gradients: the share of images whose input gradient of
+    the cross-entropy is zero (sum of |∂L/∂x| < 1e-8, the reference's threshold). Gradient
+    attacks cannot move from such points (saturated softmax, rounding or other non-
+    differentiable input processing), so their numbers overestimate robustness; more than
+    ``max_share`` of the images fails the check."""
+    images, labels = _check_data(images, labels)
+    key = ("input_gradient_size",)
+    if key not in evaluator._programs:
+        model_fn = evaluator.model_fn
+
+        def gradient_size(params, model_state, x, y):
+            loss = lambda z: jnp.sum(cross_entropy(model_fn(params, model_state, z, False)[0], y))
+            grad = jax.grad(loss)(x)
+            return jnp.sum(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=-1)
+
+        evaluator._programs[key] = jax.jit(gradient_size)
+    sizes = np.asarray(evaluator._programs[key](params, model_state, images, labels))
+    zero = int(np.sum(sizes < 1e-8))
+    share = zero / len(images)
+    passed = share <= max_share + 1e-12
+    detail = (f"{zero} of {len(images)} images ({100 * share:.2f} %) have a zero input gradient; "
+              f"allowed {100 * max_share:g} %"
+              + ("" if passed else " (gradient attacks cannot move from them: trust only "
+                                   "gradient-free numbers such as AutoAttack's Square stage)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: few_zero_gradients: %s", detail)
+    return Check("few_zero_gradients", passed, detail)
+
+
+def fmn_check(fmn_accuracy: float, autoattack_accuracy: float, num_examples: int, *,
+              slack: float = 0.0) -> Check:
+    """AutoAttack missed points: FMN's robustness curve at AutoAttack's ε (`robustness_curve`)
+    should not fall below AutoAttack's robust accuracy, the stronger of the two by design. More
+    than ``slack`` (a fraction of the images) below it means FMN found adversarial points within
+    ε that every AutoAttack stage missed."""
+    gap = autoattack_accuracy - fmn_accuracy
+    count = round(gap * num_examples)
+    passed = gap <= slack + 1e-9
+    detail = (f"FMN at AutoAttack's ε {100 * fmn_accuracy:.2f} % vs AutoAttack "
+              f"{100 * autoattack_accuracy:.2f} % ({max(count, 0)} of {num_examples} images); "
+              f"slack {100 * slack:g} %" + ("" if passed else " (AutoAttack missed points: "
+                                                             "trust the lower number)"))
+    if not passed:
+        logging.info("Robustness sanity check FAILED: fmn_finds_nothing_new: %s", detail)
+    return Check("fmn_finds_nothing_new", passed, detail)
+
+
 def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
                    num_classes: int = 10) -> dict[str, Attack]:
     """FGSM, PGD (step 2.5·ε / num_steps, Madry et al.), APGD-CE and, with >= 3 classes (which
@@ -527,7 +677,8 @@ def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels,
                       large_eps: Optional[float] = None, tolerance_examples: int = 1,
                       chance_slack: float = 0.05, loss_gap_slack: float = 0.05) -> list[Check]:
     """Evaluates FGSM/PGD/APGD at `eps` and a PGD sweep with `evaluator`, then runs
-    `sanity_checks` on the results.
+    `sanity_checks` on the results, and adds the reference's warnings as checks
+    (`randomness_check`, `zero_gradient_check`).
 
     `attacks` (keys "fgsm", "pgd", "apgd", optionally "apgd_dlr") defaults to
     `sanity_attacks(eps, norm, num_steps, num_classes)`; the sweep uses attacks["pgd"] at
@@ -558,7 +709,10 @@ def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels,
     eps_grid = np.append(np.linspace(0.0, eps, sweep_points), large_eps)
     sweep = evaluator.sweep(params, model_state, images, labels, attacks["pgd"], eps_grid,
                             sweep_key)
-    return sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
-                         eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
-                         num_classes=num_classes, tolerance_examples=tolerance_examples,
-                         chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)
+    checks = sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
+                           eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
+                           num_classes=num_classes, tolerance_examples=tolerance_examples,
+                           chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)
+    # The reference's own warnings: a randomised model, and gradients that vanish.
+    return checks + [randomness_check(evaluator, params, model_state, images),
+                     zero_gradient_check(evaluator, params, model_state, images, labels)]

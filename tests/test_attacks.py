@@ -278,7 +278,8 @@ X = np.random.default_rng(2).uniform(size=(64, DIM)).astype(np.float32)
 Y = np.random.default_rng(3).integers(0, NUM_CLASSES, 64).astype(np.int32)
 PGD_STEPS, APGD_STEPS = 7, 25
 ATTACK_FNS = {"fgsm": attacks.fgsm, "pgd": attacks.pgd, "apgd": attacks.apgd, "apgd_t": attacks.apgd_t,
-              "fab_t": attacks.fab_t, "square": attacks.square, "autoattack": attacks.autoattack}
+              "fab_t": attacks.fab_t, "square": attacks.square, "fmn": attacks.fmn,
+              "autoattack": attacks.autoattack}
 
 
 def compiled(name, norm="linf", loss="ce", restarts=1, targeted=False):
@@ -329,6 +330,7 @@ CONSTRAINT_CASES = [  # (attack, norm, batch shape): several shapes, flat and im
     ("apgd_t", "linf", (3, 6)), ("apgd_t", "l2", (2, 3, 2, 1)),
     ("fab_t", "linf", (4, 7)), ("fab_t", "l2", (3, 2, 2, 2)),
     ("square", "linf", (3, 16)), ("square", "l2", (2, 6, 5, 2)),
+    ("fmn", "linf", (4, 7)), ("fmn", "l2", (3, 2, 2, 2)),
     ("autoattack", "linf", (3, 4, 4, 1)),
 ]
 
@@ -346,6 +348,7 @@ def test_output_in_eps_ball_and_box(name, norm, shape):
                 "apgd_t": lambda eps: dict(num_steps=6, n_target_classes=2),
                 "fab_t": lambda eps: dict(num_steps=6, n_target_classes=2),
                 "square": lambda eps: dict(num_queries=30),
+                "fmn": lambda eps: dict(num_steps=10),
                 "autoattack": lambda eps: dict(num_steps=4, n_target_classes=2, num_queries=20)}[name]
     attack = jax.jit(lambda key, eps: ATTACK_FNS[name](logits_fn, x, y, key, eps=eps, norm=norm,
                                                        **settings(eps)))

@@ -86,6 +86,7 @@ CONFIG_CASES = [
     ("width_zero", setter("model.width_multiplier", 0.0), "config.model.width_multiplier = 0.0"),
     ("conv_impl", setter("model.conv_impl", "fft"), "config.model.conv_impl = 'fft'"),
     ("seed_negative", setter("seed", -1), "config.seed = -1"),
+    ("seed_huge", setter("seed", 99999999999999999999), "config.seed = 99999999999999999999"),
     ("trials_zero", setter("num_trials", 0), "config.num_trials = 0"),
     ("steps_zero", setter("train.num_steps", 0), "config.train.num_steps = 0"),
     ("unknown_field", setter("train.learnign_rate", 0.1),
@@ -228,6 +229,17 @@ def test_damaged_workdir(finished, load_config, tmp_path, tree_digest, one_error
     message = run_cli(load_config(config_file), existing, one_error_line, overwrite=False)
     assert expected in message
     assert tree_digest(existing) == before
+
+
+def test_a_workdir_inside_a_file_is_one_line_before_compute(finished, load_config, tmp_path,
+                                                             one_error_line):
+    """--workdir=FILE/run (as --workdir=/etc/hostname/run): the parent is a file."""
+    config_file, _ = finished
+    a_file = tmp_path / "hostname"
+    a_file.write_text("not a folder")
+    message = run_cli(load_config(config_file), str(a_file / "run"), one_error_line)
+    assert f"{a_file} is a file, not a folder" in message and "--workdir" in message
+    assert a_file.read_text() == "not a folder"
 
 
 def test_a_mask_is_a_zip_archive(finished):

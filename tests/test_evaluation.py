@@ -5,6 +5,7 @@ a real model and flag a broken attack."""
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,7 +147,8 @@ def test_sanity_checks_pass_on_a_trained_model(trained):
                                           fast_key(1), eps=EPS, num_steps=10, sweep_points=3)
     assert [c.name for c in checks] == ["monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
                                         "apgd_not_weaker_than_pgd", "large_eps_reaches_chance",
-                                        "ce_and_dlr_agree"]
+                                        "ce_and_dlr_agree", "deterministic_at_evaluation",
+                                        "few_zero_gradients"]
     assert all(c.passed for c in checks), evaluation.format_checks(checks)
     assert evaluation.format_checks(checks).count("PASS") == len(checks)
 
@@ -262,3 +264,62 @@ def test_sweep_and_sanity_inputs_are_validated(trained):
     with pytest.raises(ValueError, match="attacks lacks"):
         evaluation.run_sanity_checks(ev, variables, {}, images, labels, fast_key(0), eps=0.1,
                                      attacks={"pgd": apgd})
+
+
+def test_without_adversarial_loss_only_images_correct_clean_are_attacked(trained):
+    """adversarial_loss=False: the attack's program sees only the images correct clean
+    (compacted: its traced batch is the count of those, not the dataset), the others count as
+    not robust, the result says so, and per image the verdict is the full run's (a
+    deterministic attack, so keys and batching do not matter)."""
+    model_fn, variables, images, labels = trained
+    labels = labels.copy()
+    labels[::3] = (labels[::3] + 1) % 2  # A third of the images wrong clean.
+    traced = []
+
+    def counting_model_fn(params, state, z, train):
+        traced.append(z.shape[0])
+        return model_fn(params, state, z, train)
+
+    ev = evaluation.Evaluator(counting_model_fn, batch_size=len(images))
+    full = ev.per_example(variables, {}, images, labels, DETERMINISTIC, fast_key(0))
+    clean = full["clean"].correct
+    traced.clear()
+    skipped = ev.per_example(variables, {}, images, labels, DETERMINISTIC, fast_key(0),
+                             adversarial_loss=False)
+    assert 0.4 < clean.mean() < 0.8
+    assert max(traced) < len(images) and max(traced) <= clean.sum()  # never the whole dataset
+    for name in DETERMINISTIC:
+        np.testing.assert_array_equal(skipped[name].correct, full[name].correct & clean)
+        assert skipped[name].attacked == "clean_correct" and full[name].attacked == "all"
+        assert np.all(np.isnan(skipped[name].loss))
+    summary = ev.evaluate(variables, {}, images, labels, DETERMINISTIC, fast_key(0),
+                          adversarial_loss=False)
+    assert "pgd_loss" not in summary and summary["pgd_attacked_clean_correct_only"] == 1.0
+    assert summary["pgd_accuracy"] == pytest.approx((full["pgd"].correct & clean).mean())
+
+
+def test_randomness_warning_fires_with_dropout_left_on_and_not_on_a_deterministic_model(trained):
+    """Dropout on the inputs left on at evaluation (a fixed key, so the same batch gives the
+    same output, but an image's mask depends on its position): the check fires; the plain
+    model passes."""
+    model_fn, variables, images, _ = trained
+
+    def dropout_on(params, state, z, train):
+        keep = jax.random.bernoulli(jax.random.key(0), 0.5, z.shape)
+        return model_fn(params, state, z * keep / 0.5, train)
+
+    honest = evaluation.randomness_check(evaluator(trained), variables, {}, images)
+    noisy = evaluation.randomness_check(evaluation.Evaluator(dropout_on, batch_size=NUM_TEST),
+                                        variables, {}, images)
+    assert honest.passed and honest.name == "deterministic_at_evaluation"
+    assert not noisy.passed and "randomised" in noisy.detail
+
+
+def test_zero_gradient_warning_fires_on_a_model_that_rounds_its_input(trained):
+    model_fn, variables, images, labels = trained
+    rounding = lambda params, state, z, train: model_fn(params, state, jnp.round(z * 4) / 4, train)
+    honest = evaluation.zero_gradient_check(evaluator(trained), variables, {}, images, labels)
+    masked = evaluation.zero_gradient_check(
+        evaluation.Evaluator(rounding, batch_size=NUM_TEST), variables, {}, images, labels)
+    assert honest.passed and honest.name == "few_zero_gradients"
+    assert not masked.passed and f"{NUM_TEST} of {NUM_TEST} images" in masked.detail

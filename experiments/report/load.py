@@ -29,7 +29,8 @@ METHOD_TITLES = {"dense": "dense", "lottery": "lottery ticket", "inherit": "inhe
                  "inverse_inheritance": "inverse inheritance",
                  "scratch_large": "large, from scratch"}
 _ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD", "apgd_t": "APGD-T",
-                 "fab_t": "FAB-T", "square": "Square", "autoattack": "AutoAttack"}
+                 "fab_t": "FAB-T", "square": "Square", "fmn": "FMN",
+                 "autoattack": "AutoAttack"}
 
 
 @dataclasses.dataclass(frozen=True)

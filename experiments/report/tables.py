@@ -290,8 +290,11 @@ def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:
         return ""
     return ("Sanity checks FAILED: the robustness numbers they concern are suspect. The "
             "gradient-masking checks attack with their own FGSM, PGD-20, APGD-CE and APGD-DLR at "
-            "the periodic attack's ε (true labels); *square_finds_nothing_new* reads AutoAttack's "
-            "stages on the final evaluation's images.\n\n" + "\n".join(lines) + "\n")
+            "the periodic attack's ε (true labels); *deterministic_at_evaluation* (two clean "
+            "passes agree) and *few_zero_gradients* (share of images with a zero input gradient "
+            "of the cross-entropy) are the reference implementation's warnings, on the same "
+            "images; *square_finds_nothing_new* reads AutoAttack's stages on the final "
+            "evaluation's images.\n\n" + "\n".join(lines) + "\n")
 
 
 def conclusion(runs: Union[Run, Sequence[Run]], accuracy: str = "final") -> str:

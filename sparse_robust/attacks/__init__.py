@@ -3,7 +3,7 @@
 - `parts`: settings checks, objectives, norm-ball geometry, keeping the worst result per example;
 - `pgd`: FGSM and PGD (L∞ / L2);
 - `apgd`: APGD and APGD-T (Croce & Hein 2020, as the reference implementation runs them);
-- `fab`: FAB-T; `square`: the Square attack;
+- `fab`: FAB-T; `square`: the Square attack; `fmn`: FMN, the minimum-norm attack;
 - `autoattack`: standard AutoAttack (its stages, the single-program version and the stage driver
   that attacks only the points still robust);
 - `registry`: `make_attack` and the hashable `Attack` it returns.
@@ -29,6 +29,7 @@ from sparse_robust.attacks.apgd import apgd, apgd_checkpoints, apgd_t
 from sparse_robust.attacks.autoattack import (AUTOATTACK_STAGES, autoattack, autoattack_stages,
                                               autoattack_with_flags)
 from sparse_robust.attacks.fab import fab_t
+from sparse_robust.attacks.fmn import fmn, fmn_min_norm
 from sparse_robust.attacks.parts import NORMS, LogitsFn
 from sparse_robust.attacks.pgd import fgsm, pgd
 from sparse_robust.attacks.registry import ATTACK_NAMES, Attack, make_attack, predicted_labels
@@ -36,6 +37,6 @@ from sparse_robust.attacks.square import square, square_schedule
 from sparse_robust.losses import dlr_loss, margin_parts
 
 __all__ = ["NORMS", "ATTACK_NAMES", "AUTOATTACK_STAGES", "Attack", "make_attack", "fgsm", "pgd",
-           "apgd", "apgd_checkpoints", "apgd_t", "fab_t", "square", "square_schedule", "autoattack",
+           "apgd", "apgd_checkpoints", "apgd_t", "fab_t", "fmn", "fmn_min_norm", "square", "square_schedule", "autoattack",
            "autoattack_with_flags", "autoattack_stages", "predicted_labels", "margin_parts",
            "dlr_loss", "parts", "LogitsFn"]

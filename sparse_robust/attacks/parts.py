@@ -79,7 +79,9 @@ _INT_FIELDS = ("num_steps", "restarts", "n_target_classes", "num_queries")
 _BOOL_FIELDS = ("random_start", "targeted", "rescale_schedule")
 _INTERVALS = {  # field: (low, high, low_open)
     "rho": (0.0, 1.0, True), "p_init": (0.0, 1.0, True), "alpha_max": (0.0, 1.0, False),
-    "beta": (0.0, 1.0, True), "eta": (1.0, math.inf, False)}
+    "beta": (0.0, 1.0, True), "eta": (1.0, math.inf, False),
+    "alpha_init": (0.0, math.inf, True), "alpha_final": (0.0, math.inf, True),
+    "gamma_init": (0.0, 1.0, True), "gamma_final": (0.0, 1.0, True)}
 
 
 def check_settings(attack: str, settings: Mapping[str, Any]) -> None:

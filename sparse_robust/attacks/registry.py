@@ -16,12 +16,13 @@ from sparse_robust.attacks import parts
 from sparse_robust.attacks.apgd import apgd, apgd_t
 from sparse_robust.attacks.autoattack import autoattack
 from sparse_robust.attacks.fab import fab_t
+from sparse_robust.attacks.fmn import fmn
 from sparse_robust.attacks.parts import LogitsFn
 from sparse_robust.attacks.pgd import fgsm, pgd
 from sparse_robust.attacks.square import square
 from sparse_robust.checks import check_choice
 
-ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd_t", "fab_t", "square", "autoattack")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd_t", "fab_t", "square", "fmn", "autoattack")
 
 
 def predicted_labels(logits_fn: LogitsFn, x: jax.Array) -> jax.Array:
@@ -31,7 +32,8 @@ def predicted_labels(logits_fn: LogitsFn, x: jax.Array) -> jax.Array:
 
 
 _ATTACK_FNS = types.MappingProxyType({"fgsm": fgsm, "pgd": pgd, "apgd": apgd, "apgd_t": apgd_t,
-                                      "fab_t": fab_t, "square": square, "autoattack": autoattack})
+                                      "fab_t": fab_t, "square": square, "fmn": fmn,
+                                      "autoattack": autoattack})
 
 
 def _keyword_defaults(fn) -> dict[str, Any]:

@@ -38,7 +38,8 @@ NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download", "parallel.num
 FREE_MAPPINGS = ("attacks", "prune.rates")
 
 FIELDS: tuple[Field, ...] = (
-    field("seed", integer(0), "Seed of every random number of the run."),
+    # jax.random.PRNGKey takes a C long; larger seeds would overflow deep in the run.
+    field("seed", integer(0, 2**63 - 1), "Seed of every random number of the run."),
     field("num_trials", integer(1), "Independent trials (seeds) of the whole experiment."),
     field("progress", boolean(), "Show progress bars."),
     field("data.name", choice(data_lib.DATASET_NAMES), "Dataset."),

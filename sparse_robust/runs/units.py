@@ -101,7 +101,9 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array) -> tuple[dict,
     n = ctx.eval.final_examples or None
     measured = ctx.evaluator.evaluate(params, model_state, ctx.dataset.test_images[:n],
                                       ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
-                                      progress=ctx.progress.enabled)
+                                      progress=ctx.progress.enabled,
+                                      # Robust accuracy only: skip the images wrong clean.
+                                      adversarial_loss=False)
     out = {"clean": measured["accuracy"]}
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
     if ctx.eval.attacks:

@@ -109,6 +109,9 @@ def _nearest_existing(path: str) -> str:
 def check_writable(layout: Layout) -> None:
     """The workdir (or the folder it will be created in) must be writable with some room."""
     where = _nearest_existing(layout.root)
+    if not os.path.isdir(where):
+        raise WorkdirError(f"cannot create --workdir={layout.root}: {where} is a file, not a "
+                           "folder; choose another --workdir.")
     if not os.access(where, os.W_OK | os.X_OK):
         raise DiskError(f"cannot write to {where}: permission denied or read-only; choose another "
                         "--workdir.")
