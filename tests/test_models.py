@@ -22,12 +22,13 @@ NATURAL_SHAPE = {
     "conv-4": CIFAR_SHAPE,
     "conv-6": CIFAR_SHAPE,
     "vgg-16": CIFAR_SHAPE,
+    "vgg-16-hydra": CIFAR_SHAPE,
     "resnet-18": CIFAR_SHAPE,
     "wide-resnet-28": CIFAR_SHAPE,
     "wrn-28-4": CIFAR_SHAPE,
     "wrn-28-10": CIFAR_SHAPE,
 }
-BN_MODELS = {"vgg-16", "resnet-18", "wide-resnet-28", "wrn-28-4", "wrn-28-10"}
+BN_MODELS = {"vgg-16", "vgg-16-hydra", "resnet-18", "wide-resnet-28", "wrn-28-4", "wrn-28-10"}
 CONV_MODELS = sorted(set(NATURAL_SHAPE) - {"dense-300-100", "lenet-300-100"})
 
 
@@ -126,6 +127,8 @@ def test_mlps_flatten_images_themselves():
         ("lenet-5", {"conv_0", "conv_1", "dense_0", "dense_1", "output"}),
         ("conv-4", {"conv_0", "conv_1", "conv_2", "conv_3", "dense_0", "dense_1", "output"}),
         ("vgg-16", {f"conv_{i}" for i in range(13)} | {f"bn_{i}" for i in range(13)} | {"output"}),
+        ("vgg-16-hydra", {f"conv_{i}" for i in range(13)} | {f"bn_{i}" for i in range(13)}
+         | {"dense_0", "dense_1", "output"}),
     ],
 )
 def test_layer_names(name, expected):
@@ -324,6 +327,26 @@ def test_vgg_16_parameter_count():
     assert counts == {"params": params, "batch_stats": 2 * sum(widths)}
 
 
+def test_vgg_16_hydra_parameter_count():
+    """HYDRA's vgg16_bn: vgg-16's convs, then 512 x 2 x 2 -> 256 -> 256 -> 10 with biases."""
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    params = sum(_conv_params(3, c_in, c_out) + _bn_params(c_out) for c_in, c_out in zip([3] + widths, widths))
+    params += (2048 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    variables = _variable_shapes(get_model("vgg-16-hydra"), CIFAR_SHAPE)
+    assert _counts(variables) == {"params": params, "batch_stats": 2 * sum(widths)}
+    assert variables["params"]["dense_0"]["kernel"].shape == (2048, 256)
+
+
+def test_vgg_16_hydra_pools_four_times_and_averages_to_2x2():
+    """32x32 reaches 2x2 after four VALID pools, where the adaptive pool is the identity; 28x28
+    reaches 1x1 (28, 14, 7, 3, 1), which the adaptive pool repeats into 2x2."""
+    model = get_model("vgg-16-hydra")
+    for shape, spatial in [(CIFAR_SHAPE, 2), (MNIST_SHAPE, 1)]:
+        variables = _numpy_variables(model, shape)
+        _, state = model.apply(variables, _images(shape, 2), capture_intermediates=True)
+        assert state["intermediates"]["bn_12"]["__call__"][0].shape == (2, spatial, spatial, 512)
+
+
 @pytest.mark.parametrize("name, k", [("wrn-28-10", 10), ("wrn-28-4", 4)])
 def test_wide_resnet_28_parameter_count(name, k):
     params, bn_channels, c_in = _conv_params(3, 3, 16), 0, 16
@@ -348,7 +371,7 @@ def test_wide_resnet_28_takes_widen_factor():
     assert shapes(get_model("wide-resnet-28", widen_factor=4)) == shapes(get_model("wrn-28-4"))
 
 
-@pytest.mark.parametrize("name", ["vgg-16", "resnet-18", "wrn-28-4"])
+@pytest.mark.parametrize("name", ["vgg-16", "vgg-16-hydra", "resnet-18", "wrn-28-4"])
 def test_cifar_models_also_take_28x28_images(name):
     model = get_model(name)
     x = jnp.zeros((2, *MNIST_SHAPE), jnp.float32)

@@ -1,12 +1,14 @@
 """Tests for sparse_robust.models.pooling.max_pool against flax's nn.max_pool."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_robust.models.pooling import max_pool
+from sparse_robust.models.pooling import adaptive_avg_pool, max_pool
 
 CASES = [((3, 8, 8, 4), (2, 2), "VALID"), ((3, 7, 9, 4), (2, 2), "VALID"),
          ((3, 7, 9, 4), (2, 2), "SAME"), ((2, 9, 6, 2), (3, 3), "VALID"),
@@ -48,3 +50,24 @@ def test_forward_mode_equals_nn_max_pool_without_ties(shape, window, padding):
 def test_needs_an_nhwc_batch():
     with pytest.raises(ValueError, match=r"NHWC batch \(N, H, W, C\), got shape \(8, 8, 3\)"):
         max_pool(jnp.zeros((8, 8, 3)), (2, 2))
+
+
+def _adaptive_avg_pool_loops(x, out_h, out_w):
+    """PyTorch's AdaptiveAvgPool2d by its definition: cell (i, j) averages rows
+    floor(i*H/oh) .. ceil((i+1)*H/oh) - 1 and likewise columns; written with explicit loops."""
+    n, h, w, c = x.shape
+    out = np.zeros((n, out_h, out_w, c), np.float64)
+    for i in range(out_h):
+        for j in range(out_w):
+            r0, r1 = math.floor(i * h / out_h), math.ceil((i + 1) * h / out_h)
+            c0, c1 = math.floor(j * w / out_w), math.ceil((j + 1) * w / out_w)
+            out[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("shape, output_size", [((2, 4, 4, 3), (2, 2)), ((2, 1, 1, 3), (2, 2)),
+                                                 ((2, 7, 5, 3), (3, 2)), ((1, 2, 2, 1), (2, 2))])
+def test_adaptive_avg_pool_equals_its_definition(shape, output_size):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(adaptive_avg_pool(jnp.asarray(x), output_size),
+                               _adaptive_avg_pool_loops(x, *output_size), rtol=1e-6, atol=1e-6)

@@ -17,7 +17,7 @@ from sparse_robust.models.conv import CONV_IMPLS, Conv, resolve_conv_impl
 from sparse_robust.models.convnets import ConvNet, LeNet5
 from sparse_robust.models.mlp import MLP
 from sparse_robust.models.resnet import ResNet
-from sparse_robust.models.vgg import VGG, VGG16_LAYERS
+from sparse_robust.models.vgg import HYDRA_VGG16_LAYERS, HydraVGG, VGG, VGG16_LAYERS
 from sparse_robust.models.wide_resnet import WideResNet
 
 
@@ -36,6 +36,8 @@ _REGISTRY = {
     ),
     "lenet-5": _Entry(LeNet5, {}),
     "vgg-16": _Entry(VGG, {"layers": VGG16_LAYERS}),
+    # The Adversarial Pruning Benchmark's VGG-16 (HYDRA's vgg16_bn), for its checkpoints.
+    "vgg-16-hydra": _Entry(HydraVGG, {"layers": HYDRA_VGG16_LAYERS, "dense_sizes": (256, 256)}),
     "resnet-18": _Entry(ResNet, {"stage_sizes": (2, 2, 2, 2)}),
     "wide-resnet-28": _Entry(WideResNet, {"depth": 28}),
     "wrn-28-4": _Entry(WideResNet, {"depth": 28, "widen_factor": 4}),
@@ -80,6 +82,7 @@ __all__ = [
     "Classifier",
     "Conv",
     "ConvNet",
+    "HydraVGG",
     "LeNet5",
     "MLP",
     "ResNet",

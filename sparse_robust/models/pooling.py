@@ -52,3 +52,24 @@ def _pool_jvp(window, primals, tangents):
                     keepdims=True)
     pooled_dot = jnp.sum(jnp.where(position == first, _windows(x_dot, window), 0), axis=(2, 4))
     return pooled[:, :, 0, :, 0], pooled_dot
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """PyTorch's `nn.AdaptiveAvgPool2d(output_size)` for NHWC batches `x`.
+
+    Output cell i along an axis of size n averages input rows floor(i * n / o) to
+    ceil((i + 1) * n / o) (exclusive), so windows may overlap and a smaller input is repeated.
+    """
+    if x.ndim != 4:
+        raise ValueError(
+            f"adaptive_avg_pool needs an NHWC batch (N, H, W, C), got shape {x.shape}.")
+
+    def bins(n, o):
+        return [(i * n // o, -(-(i + 1) * n // o)) for i in range(o)]
+
+    rows = []
+    for h0, h1 in bins(x.shape[1], output_size[0]):
+        cells = [jnp.mean(x[:, h0:h1, w0:w1], axis=(1, 2))
+                 for w0, w1 in bins(x.shape[2], output_size[1])]
+        rows.append(jnp.stack(cells, axis=1))
+    return jnp.stack(rows, axis=1)
