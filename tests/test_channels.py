@@ -142,3 +142,37 @@ def test_errors():
     resnet = get_model("resnet-18", width_multiplier=0.125)
     with pytest.raises(ValueError, match="compact supports MLP and ConvNet"):
         compact(resnet, {}, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the engine: config.prune.granularity, records' forward_flops, the report's column
+
+
+def test_a_channel_pruned_chain_records_shrinking_flops_and_the_report_shows_them(tmp_path):
+    from conftest import set_field
+    from experiments import report
+    from experiments.configs import base
+    from sparse_robust import data
+    from sparse_robust.runs import pipeline, store
+    from sparse_robust.runs.layout import Layout
+
+    config = base.get_config()
+    for dotted, value in {"progress": False, "num_trials": 1, "model.name": "lenet-300-100",
+                          "train.objective": "natural", "train.num_steps": 10,
+                          "train.batch_size": 20, "eval.every": 10, "eval.num_examples": 0,
+                          "eval.batch_size": 60, "eval.attacks": "fgsm",
+                          "eval.sanity_examples": 0, "checkpoint_every": 10,
+                          "prune.levels": 2, "prune.granularity": "channel",
+                          "parallel.num_devices": 1}.items():
+        set_field(config, dotted, value)
+    dataset = data.make_synthetic(0, num_train=120, num_val=60, num_test=60,
+                                  image_shape=(8, 8, 1), flatten=True)
+    records = pipeline.run(config, str(tmp_path), dataset=dataset)
+    flops = [r["forward_flops"] for r in records]
+    assert flops[0] == 2 * (64 * 300 + 300 * 100 + 100 * 10)  # the dense lenet-300-100
+    assert flops[0] > flops[1] > flops[2]
+    for level in (1, 2):
+        arrays = store.read_mask_arrays(Layout(str(tmp_path)).unit(0, level).mask)
+        assert channels.is_channel_mask({name: jnp.asarray(a) for name, a in arrays.items()})
+    table = report.paper_table(report.load_run(str(tmp_path)))
+    assert "FLOPs (M)" in table and f"{flops[2] / 1e6:.2f}" in table

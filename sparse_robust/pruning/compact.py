@@ -35,6 +35,11 @@ class Compacted(NamedTuple):
     model_kwargs: dict
 
 
+def supports(model) -> bool:
+    """Whether `compact` can shrink this model (an MLP or a ConvNet)."""
+    return isinstance(model, (MLP, ConvNet))
+
+
 def _chain(model, params) -> list[tuple[str, str]]:
     """(layer name, "conv" or "dense") in order; the last is `output`."""
     if isinstance(model, MLP):
