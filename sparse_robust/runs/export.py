@@ -56,7 +56,9 @@ def unit_state_dict(workdir: str, trial: int, level: int, branch: Optional[str] 
     model = models_lib.get_model(config["model"]["name"], num_classes=num_classes,
                                  width_multiplier=config["model"]["width_multiplier"])
     mask = masks_lib.mask_from_numpy(store.read_mask_arrays(files.mask), params)
-    arrays = interop.to_state_dict(model, params, model_state, mask, include_masks=include_masks)
+    steps = int(store.read_json(files.result).get("steps", 0))  # BN's num_batches_tracked
+    arrays = interop.to_state_dict(model, params, model_state, mask, include_masks=include_masks,
+                                   num_batches_tracked=steps)
     alive, total = masks_lib.count(mask)
     metadata = {"format": "pt", "sparse_robust.model": config["model"]["name"],
                 "sparse_robust.width_multiplier": str(config["model"]["width_multiplier"]),
