@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "pillow>=10",  # tfds decodes images with it
+    "safetensors>=0.4",  # sparse_robust.interop's checkpoint files (numpy API, no torch)
 ]
 
 EXTRAS_REQUIRE = {
@@ -24,6 +25,8 @@ EXTRAS_REQUIRE = {
     "tf": ["tensorflow-cpu>=2.16", "importlib_resources>=6"],
     # benchmarks/crosscheck.py and benchmarks/torch_peer.py (PyTorch side by side); no test needs them.
     "crosscheck": ["torch>=2.4", "torchattacks>=3.5"],
+    # sparse_robust.interop.torch_models (PyTorch twins of exported models) and its tests.
+    "interop": ["torch>=2.4"],
 }
 
 setuptools.setup(

@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
         "rates": {"default": 0.2, "output": 0.1},  # of the remaining weights, per level
         "global_rate": 0.2,        # used when scope = global
         "criterion": "magnitude",  # magnitude | random
+        "granularity": "weight",   # weight | channel (whole filters / neurons; layerwise only)
         "strategy": "rewind_init",  # rewind_init | rewind_step | random_reinit | continue | dense_trained
         "rewind_step": 0,          # k for rewind_step
     })

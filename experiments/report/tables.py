@@ -102,7 +102,10 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     show_run = len(runs) > 1
     show_method = any("branch" in r for run in runs for r in run.records)
     header = (["Run"] if show_run else []) + (["Method"] if show_method else [])
-    header += ["Level", "Weights remaining (%)", "Clean"]
+    # Channel pruning shrinks the network: its FLOPs (after compact) go beside the weights.
+    show_flops = any(run.config.get("prune", {}).get("granularity") == "channel" for run in runs)
+    header += ["Level", "Weights remaining (%)"] + (["FLOPs (M)"] if show_flops else [])
+    header += ["Clean"]
     header += [attack_title(a, attack_settings(runs, a)) for a in attacks] + ["Early stop (step)"]
     blocks = []
     for run in runs:
@@ -113,6 +116,8 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
             row = ([run.label] if show_run else []) + ([table_method(records[0])] if show_method
                                                        else [])
             row += [str(level), f"{remaining_percent(records):.1f}"]
+            if show_flops:
+                row.append(_cell([r.get("forward_flops") for r in records], 1e-6, 2, fmt))
             row += [_cell([g(r) for r in records], 100, 2, fmt) for g in getters.values()]
             row.append(_cell([r.get("early_stop_step") for r in records], 1, 0, fmt))
             rows.append(row)
@@ -120,7 +125,11 @@ def paper_table(runs: Union[Run, Sequence[Run]], fmt: str = "markdown",
     caption = (f"Test accuracy (%) {_what(accuracy)} on {_test_examples(runs)} test images; "
                f"mean ± std (ddof=1) over {num_trials(runs)} trial(s).")
     metric = runs[0].config.get("eval", {}).get("early_stop_metric", "objective")
-    notes = legend(runs, attacks) + [
+    notes = legend(runs, attacks) + ([
+        "FLOPs (M): millions of matmul and convolution FLOPs (2 per multiply-add) of one forward "
+        "pass on one image, counted on the jaxpr of the unit's network with its dead channels "
+        "removed (pruning.compact; MLPs and conv-2/4/6), with direct (XLA) convolutions."]
+        if show_flops else []) + [
         f"Early stop: the step with the lowest validation {metric.replace('_', ' ')} (the "
         f"accuracies are {'those weights' if accuracy == 'early_stop' else 'of the final weights'})."]
     return _render(fmt, caption, header, blocks, notes)

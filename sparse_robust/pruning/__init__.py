@@ -8,6 +8,7 @@ public names are re-exported here. The methods are submodules (``pruning.hydra``
 from sparse_robust.pruning.criteria import (  # noqa: F401  (re-exported)
     CRITERIA,
     DEFAULT_RATE_KEY,
+    GRANULARITIES,
     RESET_SOURCES,
     RESET_STRATEGIES,
     SCOPES,

@@ -24,6 +24,7 @@ from sparse_robust import masks as masks_lib
 Rates = Union[float, Mapping[str, float]]
 SCOPES = ("layerwise", "global")
 CRITERIA = ("magnitude", "random")
+GRANULARITIES = ("weight", "channel")  # single weights, or whole filters / neurons (channels.py)
 DEFAULT_RATE_KEY = "*"
 
 
@@ -82,7 +83,7 @@ def _keep_top(scores: jax.Array, alive: jax.Array, rate: float) -> jax.Array:
     return position >= n_dead + n_remove
 
 
-def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
+def prune(scores, mask, rates: Rates, *, scope: str = "layerwise", granularity: str = "weight"):
     """Remove a fraction of the remaining weights with the lowest ``scores``.
 
     Args:
@@ -91,6 +92,8 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
       rates: for scope "layerwise", a float or {layer name: rate} with an optional '*' default,
         e.g. {'*': 0.2, 'output': 0.1} (Cosentino et al.); for "global", one float.
       scope: "layerwise" ranks each layer separately; "global" ranks all prunable weights together.
+      granularity: "weight", or "channel": whole filters / neurons by their summed scores, a
+        fraction of each layer's alive channels (see :mod:`sparse_robust.pruning.channels`).
 
     Returns:
       The new mask: a subset of ``mask`` with exactly round(rate * alive) fewer weights per layer
@@ -98,6 +101,12 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
     """
     if scope not in SCOPES:
         raise ValueError(f"Unknown pruning scope {scope!r}; choose one of {SCOPES}.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is invalid; allowed values: "
+                         f"{GRANULARITIES}.")
+    if granularity == "channel":
+        from sparse_robust.pruning import channels  # it builds on this module
+        return channels.channel_prune(scores, mask, rates, scope=scope)
     alive_by_name = masks_lib.mask_leaves(mask)
     score_by_name = masks_lib.named_leaves(scores)
     missing = set(alive_by_name) - set(score_by_name)
@@ -125,14 +134,17 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise"):
         mask, {name: new.get(name) for name in masks_lib.named_leaves(mask)})
 
 
-def magnitude_prune(params, mask, rates: Rates, *, scope: str = "layerwise"):
-    """Prune the smallest-magnitude surviving weights."""
-    return prune(magnitude_scores(params), mask, rates, scope=scope)
+def magnitude_prune(params, mask, rates: Rates, *, scope: str = "layerwise",
+                    granularity: str = "weight"):
+    """Prune the smallest-magnitude surviving weights (channels: the smallest L1 norms)."""
+    return prune(magnitude_scores(params), mask, rates, scope=scope, granularity=granularity)
 
 
-def random_prune(key: jax.Array, mask, rates: Rates, *, scope: str = "layerwise"):
+def random_prune(key: jax.Array, mask, rates: Rates, *, scope: str = "layerwise",
+                 granularity: str = "weight"):
     """Prune surviving weights uniformly at random (same counts as magnitude pruning)."""
-    return prune(random_scores(key, mask_as_params(mask)), mask, rates, scope=scope)
+    return prune(random_scores(key, mask_as_params(mask)), mask, rates, scope=scope,
+                 granularity=granularity)
 
 
 def mask_as_params(mask):
@@ -160,14 +172,14 @@ def weights_remaining_schedule(leaf_sizes: Mapping[str, int], rates: Rates,
 
 
 def prune_by(criterion: str, params, mask, rates: Rates, *, scope: str = "layerwise",
-             key: Optional[jax.Array] = None):
+             key: Optional[jax.Array] = None, granularity: str = "weight"):
     """One pruning round by a named criterion: "magnitude" (of ``params``) or "random" (``key``)."""
     if criterion == "magnitude":
-        return magnitude_prune(params, mask, rates, scope=scope)
+        return magnitude_prune(params, mask, rates, scope=scope, granularity=granularity)
     if criterion == "random":
         if key is None:
             raise ValueError("criterion='random' needs a PRNG key; pass key=.")
-        return random_prune(key, mask, rates, scope=scope)
+        return random_prune(key, mask, rates, scope=scope, granularity=granularity)
     raise ValueError(f"criterion={criterion!r} is invalid; allowed values: {CRITERIA}.")
 
 

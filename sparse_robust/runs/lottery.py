@@ -34,14 +34,15 @@ def trial_init(ctx: Context, trial: int) -> Variables:
 def run_chain(ctx: Context, layout: Layout, inits: Mapping[int, Variables],
               rates: Sequence[pruning.Rates], *, reset: str = "rewind_init",
               mask: Any = None, scope: str = "layerwise", criterion: str = "magnitude",
-              rewind_step: Optional[int] = None) -> dict[int, list[dict]]:
+              rewind_step: Optional[int] = None,
+              granularity: str = "weight") -> dict[int, list[dict]]:
     """Train levels 0..len(rates) of the trials in ``inits`` ({trial: (params, model_state)}).
 
     Args:
       rates: per pruned level, the rate (float, or {layer or '*': rate} with scope "layerwise").
       reset: the reset strategy, one of ``pruning.RESET_STRATEGIES``.
       mask: the starting mask (default: every prunable weight alive).
-      scope, criterion: how each round prunes (``pruning.prune_by``).
+      scope, criterion, granularity: how each round prunes (``pruning.prune_by``).
       rewind_step: k of "rewind_step" (the weights after k steps of level 0).
 
     Returns:
@@ -73,7 +74,7 @@ def run_chain(ctx: Context, layout: Layout, inits: Mapping[int, Variables],
                 continue
             todo.append(_level_unit(ctx, layout, trial, level, inits[trial], previous.get(trial),
                                     dense.get(trial), rates, reset, mask, scope, criterion,
-                                    rewind_step))
+                                    rewind_step, granularity))
         for unit, trained in zip(todo, units_lib.train_units(layout, todo)):
             keep(unit.trial, trained)
             if level == 0 and reset == "rewind_step":
@@ -83,7 +84,7 @@ def run_chain(ctx: Context, layout: Layout, inits: Mapping[int, Variables],
 
 
 def _level_unit(ctx, layout, trial, level, init, previous, dense, rates, reset, mask, scope,
-                criterion, rewind_step) -> units_lib.Unit:
+                criterion, rewind_step, granularity="weight") -> units_lib.Unit:
     """Level ``level`` of a trial, given its previous and its dense level's trained networks."""
     params, model_state = init
     trial_key = ctx.trial_key(trial)
@@ -92,7 +93,7 @@ def _level_unit(ctx, layout, trial, level, init, previous, dense, rates, reset, 
         start = (params, model_state)
     else:
         mask = pruning.prune_by(criterion, previous.params, previous.mask,
-                                rates[level - 1], scope=scope,
+                                rates[level - 1], scope=scope, granularity=granularity,
                                 key=keys_lib.derive(trial_key, "prune", level))
         sources = {"init": params, "previous": previous.params, "dense_trained": dense.params}
         if reset == "random_reinit":

@@ -39,6 +39,7 @@ class Plan:
     reset: str = "rewind_init"
     scope: str = "layerwise"
     criterion: str = "magnitude"
+    granularity: str = "weight"
     rewind_step: Optional[int] = None
     branches: tuple = ()                 # in the order they run (requirements first)
     branch_levels: tuple = ()
@@ -67,7 +68,7 @@ def plan_of(config: ml_collections.ConfigDict) -> Plan:
     prune = config.prune
     return Plan(
         num_trials=config.num_trials, rates=tuple(chain_rates(config)), reset=prune.strategy,
-        scope=prune.scope, criterion=prune.criterion,
+        scope=prune.scope, criterion=prune.criterion, granularity=prune.granularity,
         rewind_step=prune.rewind_step if prune.strategy == "rewind_step" else None,
         branches=tuple(branches_lib.with_requirements(comma_list(config.branches.names),
                                                       settings)),
@@ -111,7 +112,8 @@ def execute(ctx, layout: Layout, plan: Plan) -> list[dict]:
         for group in (trials[i:i + size] for i in range(0, len(trials), size)):
             lottery.run_chain(ctx, layout, {t: lottery.trial_init(ctx, t) for t in group},
                               plan.rates, reset=plan.reset, scope=plan.scope,
-                              criterion=plan.criterion, rewind_step=plan.rewind_step)
+                              criterion=plan.criterion, rewind_step=plan.rewind_step,
+                              granularity=plan.granularity)
             for trial in group:
                 for run in _branch_runs(ctx, finetune, layout, plan, trial):
                     if not units_lib.finished(run.files):

@@ -95,6 +95,8 @@ FIELDS: tuple[Field, ...] = (
     field("prune.global_rate", number(0, 1, high_open=True),
           "Fraction of the remaining weights removed per round, scope 'global'."),
     field("prune.criterion", choice(pruning.CRITERIA), "What decides which weights go."),
+    field("prune.granularity", choice(pruning.GRANULARITIES),
+          "Prune single weights, or whole conv filters / dense neurons ('channel', layerwise)."),
     field("prune.strategy", choice(pruning.RESET_STRATEGIES),
           "What the surviving weights restart from at each level."),
     field("prune.rewind_step", integer(0), "k of 'rewind_step' (weights after k dense steps)."),
@@ -233,6 +235,9 @@ def _check_prune(config) -> None:
                               "decide the levels) or targets to ''.")
         if prune.scope != "global":
             _fail("prune.scope", prune.scope, "'global' when config.prune.targets is set")
+    if prune.granularity == "channel" and prune.scope != "layerwise":
+        _fail("prune.granularity", prune.granularity,
+              "'weight' with scope 'global' or targets (channels are ranked per layer)")
     if prune.strategy == "rewind_step" and not 0 < prune.rewind_step < config.train.num_steps:
         _fail("prune.rewind_step", prune.rewind_step,
               f"0 < k < config.train.num_steps ({config.train.num_steps}) for strategy 'rewind_step'")

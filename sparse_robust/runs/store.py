@@ -128,6 +128,25 @@ def read_jsonl(path: str) -> list:
                                "away.") from None
 
 
+def save_safetensors(path: str, arrays: dict, metadata: Optional[dict] = None) -> None:
+    """{name: numpy array} as a safetensors file (e.g. a PyTorch state dict), atomically."""
+    import safetensors.numpy  # only the export needs it
+    _write_atomically(path, f"{path}.tmp",
+                      lambda tmp: safetensors.numpy.save_file(arrays, tmp, metadata=metadata))
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """{name: numpy array} of a safetensors file; CorruptFileError when it is not one."""
+    import safetensors.numpy
+    try:
+        return safetensors.numpy.load_file(path)
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path} does not exist.") from None
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
+        raise CorruptFileError(f"{path} is not a readable safetensors file "
+                               f"({str(err).strip()[:200] or type(err).__name__}).") from None
+
+
 def save_mask(path: str, mask) -> None:
     arrays = masks_lib.mask_to_numpy(mask)
     # The .npz suffix keeps numpy from appending one to the temporary name.

@@ -17,6 +17,8 @@ import jax
 
 from sparse_robust import diagnostics as diagnostics_lib
 from sparse_robust import evaluation
+from sparse_robust import flops
+from sparse_robust.pruning import compact as compact_lib
 from sparse_robust.pruning import inheritance
 from sparse_robust import keys as keys_lib
 from sparse_robust import masks as masks_lib
@@ -183,10 +185,25 @@ def _finish(layout: Layout, unit: Unit, outcome: fit_lib.FitOutcome) -> Trained:
     extra = {"attack_stages": stages} if stages else {}
     record = record_of(
         unit, outcome, final, best, sanity_checks=checks, **extra,
+        forward_flops=forward_flops(ctx, params, model_state, unit.mask),
         diagnostics=_diagnostics(ctx, params, model_state, unit.mask,
                                  keys_lib.derive(final_key, "diagnostics")))
     write_record(layout, unit.files, record)
     return Trained(params, model_state, unit.mask, record, outcome.snapshot)
+
+
+def forward_flops(ctx: Context, params, model_state, mask) -> int:
+    """Matmul and convolution FLOPs of one forward pass on one image of the unit's network, with
+    its dead channels removed where `pruning.compact` applies (MLP, ConvNet), counted on the
+    jaxpr of XLA convolutions (a direct convolution's work)."""
+    model = ctx.model
+    if "conv_impl" in getattr(model, "__dataclass_fields__", {}):
+        model = model.clone(conv_impl="xla")
+    if compact_lib.supports(model):
+        small = compact_lib.compact(model, params, mask)
+        model, params = small.model, small.params
+    return flops.forward_flops(model, {"params": params, **(model_state or {})},
+                               ctx.dataset.train_images[:1])
 
 
 def _job(unit: Unit) -> fit_lib.FitJob:

@@ -1,0 +1,178 @@
+"""Channel (structured) pruning and `compact`: whole filters / neurons go, and the compacted
+network computes the same logits with strictly fewer FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.flops import matmul_flops
+from sparse_robust import masks, pruning
+from sparse_robust.models import get_model
+from sparse_robust.pruning import channels
+from sparse_robust.pruning.compact import compact
+
+
+def _params(model, input_shape, seed=0):
+    """Random kernels and biases of both signs (so removed channels leave constants to fold)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape)),
+                                               train=False))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        scale = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if path[-1].key == "kernel" else 0.3
+        return jnp.asarray(rng.normal(size=leaf.shape) * scale, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+CONV = ("conv-2", {"width_multiplier": 0.25}, (16, 16, 3))
+CONV4 = ("conv-4", {"width_multiplier": 0.125}, (16, 16, 3))
+MLP = ("lenet-300-100", {"width_multiplier": 0.25}, (8, 8, 1))
+MLP_NO_BIAS = ("dense-300-100", {"width_multiplier": 0.25}, (8, 8, 1))
+
+
+def _setup(case, rate=0.5, seed=0):
+    name, kwargs, input_shape = case
+    # XLA convolutions: FLOPs counted on the jaxpr are a direct convolution's work.
+    model = get_model(name, **kwargs, **({} if name.endswith("-100") else {"conv_impl": "xla"}))
+    params = _params(model, input_shape, seed)
+    mask = pruning.magnitude_prune(params, masks.create_mask(params), rate, granularity="channel")
+    return model, params, mask, input_shape
+
+
+@pytest.mark.parametrize("case", [CONV, MLP], ids=["conv", "mlp"])
+def test_channel_masks_remove_whole_filters_with_the_lowest_l1_norms_and_nothing_else(case):
+    model, params, mask, _ = _setup(case, rate=0.5)
+    for name, alive in masks.mask_leaves(mask).items():
+        kernel = np.asarray(masks.named_leaves(params)[name])
+        alive = np.asarray(alive)
+        flat_alive = alive.reshape(-1, alive.shape[-1])
+        if name.startswith("output"):
+            assert flat_alive.all()  # the classes stay
+            continue
+        # Each channel wholly alive or wholly dead.
+        assert np.all(flat_alive.all(axis=0) | ~flat_alive.any(axis=0)), name
+        dead = ~flat_alive.any(axis=0)
+        assert dead.sum() == round(0.5 * alive.shape[-1]), name
+        # The dead ones are those of lowest L1 norm (numpy, independently of the library).
+        norms = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        assert set(np.flatnonzero(dead)) == set(np.argsort(norms, kind="stable")[:dead.sum()])
+    assert channels.is_channel_mask(mask)
+
+
+def test_channel_rounds_take_a_fraction_of_the_remaining_channels_and_keep_one():
+    model, params, mask, _ = _setup(CONV, rate=0.5)
+    again = pruning.magnitude_prune(params, mask, 0.5, granularity="channel")
+    assert masks.is_subset(again, mask)
+    for name, m in masks.mask_leaves(again).items():
+        if not name.startswith("output"):
+            width = m.shape[-1]
+            assert int(channels.channel_alive(m).sum()) == width - round(0.5 * width) - round(
+                0.5 * (width - round(0.5 * width)))
+    almost_all = pruning.magnitude_prune(params, masks.create_mask(params), 0.99,
+                                         granularity="channel")
+    for name, m in masks.mask_leaves(almost_all).items():
+        assert int(channels.channel_alive(m).sum()) >= 1, name
+
+
+def test_channel_granularity_works_with_any_score_pytree():
+    """HYDRA-style scores: the channel score is the sum of its alive weights' scores."""
+    model, params, _, _ = _setup(MLP)
+    scores = jax.tree_util.tree_map(lambda p: -p, params)  # signed scores, not magnitudes
+    mask = pruning.prune(scores, masks.create_mask(params), 0.25, granularity="channel")
+    kernel = np.asarray(params["dense_0"]["kernel"])
+    dead = ~np.asarray(mask["dense_0"]["kernel"]).any(axis=0)
+    expected = np.argsort(-kernel.sum(axis=0), kind="stable")[:dead.sum()]
+    assert set(np.flatnonzero(dead)) == set(expected)
+
+
+def _logits_and_flops(model, params, x):
+    fn = lambda p, x: model.apply({"params": p}, x)
+    return np.asarray(fn(params, x)), matmul_flops(fn, params, x)
+
+
+@pytest.mark.parametrize("case", [CONV, CONV4, MLP, MLP_NO_BIAS],
+                         ids=["conv-2", "conv-4", "mlp", "mlp-no-bias"])
+def test_compact_gives_the_same_logits_with_strictly_fewer_flops(case):
+    model, params, mask, input_shape = _setup(case, rate=0.5)
+    x = np.random.default_rng(1).uniform(size=(8, *input_shape)).astype(np.float32)
+    dense_logits, dense_flops = _logits_and_flops(model, masks.apply_mask(params, mask), x)
+    small = compact(model, params, mask)
+    logits, flops = _logits_and_flops(small.model, small.params, x)
+    np.testing.assert_allclose(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    assert flops < dense_flops
+    # Its mask fits its params; weights that read a removed channel went with it (into a bias).
+    masks.check_mask(small.params, small.mask)
+    assert masks.count(small.mask)[0] <= masks.count(mask)[0]
+    assert masks.count(small.mask)[1] < masks.count(mask)[1]
+    assert type(model)(**small.model_kwargs) == small.model
+
+
+def test_compact_keeps_a_dead_filter_whose_constant_enters_a_padded_conv():
+    """conv-4's conv_0 feeds a 'SAME' conv: a dead filter with a positive bias outputs a constant
+    map that zero padding makes position-dependent, so it stays; one with a negative bias goes."""
+    model, params, _, input_shape = _setup(CONV4)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    params["conv_0"]["bias"] = np.array([0.5, -0.5] + [0.1] * 6, np.float32)
+    mask = masks.create_mask(params)
+    mask["conv_0"]["kernel"] = mask["conv_0"]["kernel"].at[..., :2].set(False)
+    small = compact(model, params, mask)
+    assert small.params["conv_0"]["kernel"].shape[-1] == 7  # channel 1 (bias -0.5) removed
+    x = np.random.default_rng(2).uniform(size=(4, *input_shape)).astype(np.float32)
+    np.testing.assert_allclose(_logits_and_flops(small.model, small.params, x)[0],
+                               _logits_and_flops(model, masks.apply_mask(params, mask), x)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_compact_also_removes_channels_nothing_reads():
+    model, params, _, _ = _setup(MLP)
+    mask = masks.create_mask(params)
+    mask["dense_1"]["kernel"] = mask["dense_1"]["kernel"].at[:10, :].set(False)  # rows = inputs
+    small = compact(model, params, mask)
+    assert small.params["dense_0"]["kernel"].shape[-1] == params["dense_0"]["kernel"].shape[-1] - 10
+
+
+def test_errors():
+    model, params, mask, _ = _setup(MLP)
+    with pytest.raises(ValueError, match="granularity='filter' is invalid"):
+        pruning.magnitude_prune(params, mask, 0.5, granularity="filter")
+    with pytest.raises(ValueError, match="scope must be 'layerwise'"):
+        pruning.magnitude_prune(params, mask, 0.5, scope="global", granularity="channel")
+    resnet = get_model("resnet-18", width_multiplier=0.125)
+    with pytest.raises(ValueError, match="compact supports MLP and ConvNet"):
+        compact(resnet, {}, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the engine: config.prune.granularity, records' forward_flops, the report's column
+
+
+def test_a_channel_pruned_chain_records_shrinking_flops_and_the_report_shows_them(tmp_path):
+    from conftest import set_field
+    from experiments import report
+    from experiments.configs import base
+    from sparse_robust import data
+    from sparse_robust.runs import pipeline, store
+    from sparse_robust.runs.layout import Layout
+
+    config = base.get_config()
+    for dotted, value in {"progress": False, "num_trials": 1, "model.name": "lenet-300-100",
+                          "train.objective": "natural", "train.num_steps": 10,
+                          "train.batch_size": 20, "eval.every": 10, "eval.num_examples": 0,
+                          "eval.batch_size": 60, "eval.attacks": "fgsm",
+                          "eval.sanity_examples": 0, "checkpoint_every": 10,
+                          "prune.levels": 2, "prune.granularity": "channel",
+                          "parallel.num_devices": 1}.items():
+        set_field(config, dotted, value)
+    dataset = data.make_synthetic(0, num_train=120, num_val=60, num_test=60,
+                                  image_shape=(8, 8, 1), flatten=True)
+    records = pipeline.run(config, str(tmp_path), dataset=dataset)
+    flops = [r["forward_flops"] for r in records]
+    assert flops[0] == 2 * (64 * 300 + 300 * 100 + 100 * 10)  # the dense lenet-300-100
+    assert flops[0] > flops[1] > flops[2]
+    for level in (1, 2):
+        arrays = store.read_mask_arrays(Layout(str(tmp_path)).unit(0, level).mask)
+        assert channels.is_channel_mask({name: jnp.asarray(a) for name, a in arrays.items()})
+    table = report.paper_table(report.load_run(str(tmp_path)))
+    assert "FLOPs (M)" in table and f"{flops[2] / 1e6:.2f}" in table
