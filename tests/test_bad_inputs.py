@@ -89,6 +89,7 @@ CONFIG_CASES = [
     ("model_name", setter("model.name", "resnet-99"), "config.model.name = 'resnet-99'"),
     ("width_zero", setter("model.width_multiplier", 0.0), "config.model.width_multiplier = 0.0"),
     ("conv_impl", setter("model.conv_impl", "fft"), "config.model.conv_impl = 'fft'"),
+    ("sparse_impl", setter("model.sparse_impl", "csr"), "config.model.sparse_impl = 'csr'"),
     ("seed_negative", setter("seed", -1), "config.seed = -1"),
     ("seed_huge", setter("seed", 99999999999999999999), "config.seed = 99999999999999999999"),
     ("trials_zero", setter("num_trials", 0), "config.num_trials = 0"),

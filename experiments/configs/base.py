@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
         "flatten": True,
     })
     config.model = ml_collections.ConfigDict({"name": "dense-300-100", "width_multiplier": 1.0,
-                                              "conv_impl": "auto"})
+                                              "conv_impl": "auto", "sparse_impl": "auto"})
 
     config.attacks = attack_presets()
     config.train = ml_collections.ConfigDict({

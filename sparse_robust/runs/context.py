@@ -29,7 +29,7 @@ from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
 from sparse_robust import pruning
 from sparse_robust import training
-from sparse_robust.models import winograd_cpu
+from sparse_robust.models import sparse_execution, winograd_cpu
 from sparse_robust.runs import hosts
 from sparse_robust.runs import schema
 from sparse_robust.runs.errors import ConfigError
@@ -77,6 +77,7 @@ class Context:
     trials_at_once: int = 1
     progress: Progress = dataclasses.field(default_factory=lambda: Progress(enabled=False))
     model_fn: Optional[Callable] = None   # default: training.make_model_fn(model)
+    sparse_impl: str = "dense"            # how a ticket's dense layers run in its evaluation
     make_optimizer: Optional[Callable[[float], optax.GradientTransformation]] = None
     learning_rate: Optional[float] = None
     # Shared by every context derived from the same root: compiled programs, device data.
@@ -84,7 +85,9 @@ class Context:
 
     def __post_init__(self):
         if self.model_fn is None:
-            object.__setattr__(self, "model_fn", training.make_model_fn(self.model))
+            model_fn = training.make_model_fn(self.model)
+            model_fn.plain_model = self.model  # what ticket_evaluator may run sparse
+            object.__setattr__(self, "model_fn", model_fn)
 
     # ---------------------------------------------------------------- compiled pieces
 
@@ -107,6 +110,17 @@ class Context:
         return self._memo(("evaluator", self.model_fn, self.eval.batch_size, self.mesh),
                           lambda: evaluation.Evaluator(
             self.model_fn, batch_size=self.eval.batch_size, mesh=self.mesh))
+
+    def ticket_evaluator(self, mask) -> evaluation.Evaluator:
+        """The evaluator of a trained ticket under `mask`: its dense layers run from the mask's
+        nonzeros where `sparse_impl` says (`models.sparse_execution`), else `evaluator`. A model
+        fn other than the model's own (HYDRA's scores) is always evaluated as it is."""
+        plain = getattr(self.model_fn, "plain_model", None) is self.model
+        if not plain or mask is None or "sparse" not in sparse_execution.sparse_impls(
+                mask, self.sparse_impl).values():
+            return self.evaluator
+        return evaluation.Evaluator(sparse_execution.sparse_model_fn(
+            self.model, mask, self.sparse_impl), batch_size=self.eval.batch_size, mesh=self.mesh)
 
     @property
     def train_data(self):
@@ -330,4 +344,5 @@ def from_config(config: ml_collections.ConfigDict,
         scan=uses_scan(train.loop, conv_impls), conv_impls=conv_impls, augment=train.augment,
         trials_at_once=config.parallel.trials_at_once,
         progress=Progress(enabled=config.progress and hosts.is_primary()),  # one set of bars
-        make_optimizer=make_optimizer, learning_rate=train.learning_rate)
+        make_optimizer=make_optimizer, learning_rate=train.learning_rate,
+        sparse_impl=config.model.sparse_impl)

@@ -21,6 +21,7 @@ from sparse_robust import models as models_lib
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import pruning
 from sparse_robust.pruning import registry
+from sparse_robust.models import sparse_execution
 from sparse_robust.runs import branches as branches_lib
 from sparse_robust.runs.errors import ConfigError
 from sparse_robust.runs.fields import (Field, boolean, choice, comma_list, field, integer, names,
@@ -58,6 +59,10 @@ FIELDS: tuple[Field, ...] = (
           "1, in XLA ops), winograd_cpu (the same as one fused CPU kernel, built on first use), "
           "or auto (on CPU winograd_cpu, else winograd, where they serve >= 16 input channels, "
           "else patches; xla on GPU/TPU)."),
+    field("model.sparse_impl", choice(sparse_execution.SPARSE_IMPLS),
+          "How a trained ticket's dense layers run in its final evaluation: dense (masked "
+          "weights), sparse (only the nonzeros, a C++ kernel on CPU), or auto (sparse for layers "
+          "at most models.sparse_execution.AUTO_MAX_DENSITY alive, on one CPU device)."),
     field("train.optimizer", choice(OPTIMIZERS), "Optimizer (a fresh one at every level)."),
     field("train.learning_rate", number(0, low_open=True), "Learning rate."),
     field("train.weight_decay", number(0), "Weight decay (adamw, sgd)."),

@@ -97,11 +97,12 @@ def _attack_settings(attack) -> dict:
             "label_source": attack.label_source, **dict(attack.options)}
 
 
-def accuracies(ctx: Context, params, model_state, key: jax.Array) -> tuple[dict, dict]:
+def accuracies(ctx: Context, params, model_state, key: jax.Array,
+               evaluator: Optional[evaluation.Evaluator] = None) -> tuple[dict, dict]:
     """({"clean": ..., <label>: ..., "worst_case": ...}, {<staged label>: {stage: accuracy}})
-    on the final evaluation's test images."""
+    on the final evaluation's test images, by `evaluator` (default: the context's)."""
     n = ctx.eval.final_examples or None
-    measured = ctx.evaluator.evaluate(params, model_state, ctx.dataset.test_images[:n],
+    measured = (evaluator or ctx.evaluator).evaluate(params, model_state, ctx.dataset.test_images[:n],
                                       ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
                                       progress=ctx.progress.enabled,
                                       # Robust accuracy only: skip the images wrong clean.
@@ -174,9 +175,10 @@ def _finish(layout: Layout, unit: Unit, outcome: fit_lib.FitOutcome) -> Trained:
     params, model_state = outcome.state.params, outcome.state.model_state
     store.save_tree_if_missing(unit.files.final_variables, (params, model_state))
     final_key = unit.keys.final
-    final, stages = accuracies(ctx, params, model_state, final_key)
+    evaluator = ctx.ticket_evaluator(unit.mask)  # sparse execution where it pays
+    final, stages = accuracies(ctx, params, model_state, final_key, evaluator)
     best = final if outcome.best_step == int(outcome.state.step) else accuracies(
-        ctx, outcome.best_params, outcome.best_model_state, final_key)[0]
+        ctx, outcome.best_params, outcome.best_model_state, final_key, evaluator)[0]
     checks = _sanity_checks(ctx, params, model_state, keys_lib.derive(final_key, "sanity"))
     for label, by_stage in stages.items():  # AutoAttack's own gradient-masking check
         check = evaluation.square_check(by_stage, ctx.eval.final_examples or ctx.dataset.num_test)
