@@ -3,7 +3,7 @@
 ``import sparse_robust as sr`` gives every public module as an attribute, imported on first use
 (so ``import sparse_robust`` itself stays fast, and a module that reads datasets is only loaded
 when used): ``sr.attacks``, ``sr.masks``, ``sr.pruning``, ``sr.optim``, ``sr.objectives``,
-``sr.training``, ``sr.evaluation``, ``sr.models``, ``sr.data``, ``sr.losses``,
+``sr.training``, ``sr.evaluation``, ``sr.models``, ``sr.data``, ``sr.convention``, ``sr.losses``,
 ``sr.diagnostics``, ``sr.keys``, ``sr.parallel``. ``sr.__version__`` is the package version (the
 one setup.py reads).
 
@@ -24,7 +24,7 @@ import importlib
 from sparse_robust._version import __version__
 
 # Public modules, imported lazily on first attribute access (PEP 562).
-_MODULES = ("attacks", "data", "diagnostics", "evaluation", "keys", "losses",
+_MODULES = ("attacks", "convention", "data", "diagnostics", "evaluation", "keys", "losses",
             "masks", "models", "objectives", "optim", "parallel", "pruning", "training")
 
 __all__ = ["__version__", *_MODULES]
