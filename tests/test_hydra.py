@@ -1,4 +1,4 @@
-"""Tests for sparse_robust.hydra: scaled-magnitude scores, exact per-layer top-k, the
+"""Tests for sparse_robust.pruning.hydra: scaled-magnitude scores, exact per-layer top-k, the
 straight-through gradient, and score training with frozen weights."""
 
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_robust import hydra, masks, training
+from sparse_robust import masks, training
+from sparse_robust.pruning import hydra
 from sparse_robust.attacks import make_attack
 from sparse_robust.objectives import Objective
 

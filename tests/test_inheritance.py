@@ -1,4 +1,4 @@
-"""Tests for sparse_robust.inheritance against numpy references."""
+"""Tests for sparse_robust.pruning.inheritance against numpy references."""
 
 import functools
 
@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_robust import inheritance, masks, optim, pruning
+from sparse_robust import masks, optim, pruning
+from sparse_robust.pruning import inheritance
 from sparse_robust.models import get_model
 
 

@@ -17,7 +17,7 @@ import jax
 
 from sparse_robust import diagnostics as diagnostics_lib
 from sparse_robust import evaluation
-from sparse_robust import inheritance
+from sparse_robust.pruning import inheritance
 from sparse_robust import keys as keys_lib
 from sparse_robust import masks as masks_lib
 from sparse_robust import training

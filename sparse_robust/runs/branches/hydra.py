@@ -4,7 +4,7 @@ level's weights remaining, then fine-tune the weights under that mask."""
 
 from __future__ import annotations
 
-from sparse_robust import hydra
+from sparse_robust.pruning import hydra
 from sparse_robust import masks as masks_lib
 from sparse_robust.runs import fit as fit_lib
 from sparse_robust.runs import store

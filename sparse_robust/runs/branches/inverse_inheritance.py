@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from sparse_robust import inheritance
+from sparse_robust.pruning import inheritance
 from sparse_robust import masks as masks_lib
 from sparse_robust.runs.branches import Branch
 from sparse_robust.runs.fields import choice, field, number
