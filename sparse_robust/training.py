@@ -154,7 +154,8 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
     step). The state's buffers are donated.
 
     With ``scan=False`` each step is its own jitted call, dispatched from Python, with the same
-    results. Use it for convolutional networks on CPU: XLA:CPU computes convolution weight
+    results; numpy ``images``, ``labels`` and ``indices`` are put on the device once per call, so
+    they cost what device arrays cost. Use it for convolutional networks on CPU: XLA:CPU computes convolution weight
     gradients several times slower inside a loop than at the top level of a program (7x for
     conv-4, see benchmarks/README.md), while one dispatch costs well under a millisecond.
 
@@ -190,16 +191,31 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
         batch_axis = int(scan) + int(vmap_trials)  # of indices: [trials,] [steps,] batch
         jitted = jax.jit(fn, donate_argnums=0, out_shardings=(rep, rep),
                          in_shardings=(rep, rep, rep, parallel.batch_sharded(mesh, batch_axis)))
-    return jitted if scan else _SteppedLoop(jitted, vmap_trials)
+    return jitted if scan else _SteppedLoop(jitted, vmap_trials, mesh)
 
 
 class _SteppedLoop:
     """The loop of ``make_train_loop(scan=False)``: one jitted call per step."""
 
-    def __init__(self, step, vmap_trials: bool):
-        self._step, self._step_axis = step, int(vmap_trials)
+    def __init__(self, step, vmap_trials: bool, mesh=None):
+        self._step, self._step_axis, self._mesh = step, int(vmap_trials), mesh
+
+    def _on_device(self, images, labels, indices):
+        """Host (numpy) arrays put on the device(s) once per call, not once per step: a jitted
+        call copies a host argument every time (the whole dataset, every step)."""
+        def place(x, sharding):
+            if isinstance(x, jax.Array):
+                return x
+            return jax.device_put(x) if sharding is None else parallel.put(x, sharding)
+
+        rep = batch = None
+        if self._mesh is not None:
+            rep = parallel.replicated(self._mesh)
+            batch = parallel.batch_sharded(self._mesh, self._step_axis + 1)
+        return place(images, rep), place(labels, rep), place(indices, batch)
 
     def __call__(self, state, images, labels, indices):
+        images, labels, indices = self._on_device(images, labels, indices)
         step_metrics = []
         for i in range(indices.shape[self._step_axis]):
             # Sliced where it lies: a batch-sharded array of several processes keeps its sharding
