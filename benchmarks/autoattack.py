@@ -3,7 +3,7 @@ adversarially trained with PGD-10 at ε = 0.1: wall time, images/s and robust ac
 
 Run: ``python -m benchmarks.autoattack`` (a few minutes on 2 CPU cores; the first run also
 trains the model, about a minute, and caches its weights at --weights). Each stage attacks only
-the points every earlier stage left robust (`sparse_robust.autoattack.run_stages`). The whole
+the points every earlier stage left robust (`sparse_robust.attacks.autoattack.run_stages`). The whole
 evaluation runs twice: "cold" includes XLA compilation, "warm" reuses the compiled programs.
 Achieved FLOP/s count the matmuls of the stage's forward and input-gradient passes analytically
 (Square's as if every chunk used all its queries, an upper bound), next to the matmul FLOP/s of a
@@ -22,7 +22,8 @@ import numpy as np
 import optax
 
 from benchmarks.common import matmul_flops_per_second, print_rows
-from sparse_robust import attacks, autoattack, data, evaluation, masks, models, objectives, training
+from sparse_robust import attacks, data, evaluation, masks, models, objectives, training
+from sparse_robust.attacks.autoattack import run_stages
 
 EPS = 0.1
 
@@ -92,7 +93,7 @@ def evaluate(model_fn, params, images, labels, stages, key, batch_size):
         return still
 
     clean = evaluator.per_example(params, {}, images, labels)["clean"].correct
-    flags = autoattack.run_stages(stage_fn, images, labels, clean, key, stages=tuple(stages),
+    flags = run_stages(stage_fn, images, labels, clean, key, stages=tuple(stages),
                                   batch_size=batch_size)
     return clean, flags, seconds, rows
 

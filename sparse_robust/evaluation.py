@@ -14,8 +14,8 @@ label, never on its position among the others.
 
 AutoAttack (``make_attack("autoattack", ...)``, true labels) runs stage by stage: each stage
 (APGD-CE, APGD-T, FAB-T, Square) attacks only the images every earlier stage left robust, in
-chunks of a few fixed sizes (``autoattack.run_stages``: one program per stage and chunk size, and
-no work on images already broken); the per-stage robustness is kept with the result.
+chunks of a few fixed sizes (``attacks.autoattack.run_stages``: one program per stage and chunk
+size, and no work on images already broken); the per-stage robustness is kept with the result.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from sparse_robust import autoattack
 from sparse_robust import keys as keys_lib
 from sparse_robust import parallel
 from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
+from sparse_robust.attacks.autoattack import run_stages
 from sparse_robust.checks import check_choice
 from sparse_robust.convention import as_logits_fn
 from sparse_robust.objectives import cross_entropy
@@ -280,7 +280,7 @@ class Evaluator:
                 done[stage] = True
                 bar.update(1)
 
-        flags = autoattack.run_stages(stage_fn, images, labels, robust, key, stages=tuple(stages),
+        flags = run_stages(stage_fn, images, labels, robust, key, stages=tuple(stages),
                                       batch_size=size, bucket_sizes=buckets, progress=advance)
         bar.close()
         last = flags[tuple(stages)[-1]]

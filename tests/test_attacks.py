@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from sparse_robust import attacks
+from sparse_robust.attacks.apgd import _apgd_run
 
 NUM_CLASSES = 4
 BALL_TOL = 1e-6
@@ -458,7 +459,7 @@ def test_apgd_step_size_rule_follows_the_reference_loop_exactly(norm):
 
     key = fast_key(0)
     start = ref_boundary_start(key, x, eps, norm).astype(np.float32)
-    actual = jax.jit(lambda k: attacks._apgd_run(
+    actual = jax.jit(lambda k: _apgd_run(
         objective, jnp.asarray(x), k, eps, num_steps=steps, norm=norm, rho=0.75, clip_min=0.0,
         clip_max=1.0)[0])(key)
     expected = np.stack([ref_apgd_one(ref_objective(i), x[i], start[i], eps, steps, norm)

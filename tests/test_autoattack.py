@@ -1,6 +1,6 @@
 """Tests for AutoAttack and its new stages: APGD-T, FAB-T (and its projection), Square, the
 batch-level `attacks.autoattack_with_flags` and the compacting dataset driver
-`sparse_robust.autoattack.run_stages`. Independent references: an LP (scipy) and a
+`sparse_robust.attacks.autoattack.run_stages`. Independent references: an LP (scipy) and a
 brute-force enumeration for FAB's projection and for minimal distances, the published Square
 schedule, each stage run on its own, and every stage applied to every point (masked) for the
 driver."""
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from sparse_robust import attacks, autoattack, evaluation, fab, losses
+from sparse_robust import attacks, evaluation, losses
+from sparse_robust.attacks import fab
+from sparse_robust.attacks.autoattack import default_bucket_sizes, run_stages
 from test_attacks import NumpyMLP, fast_key
 
 NUM_CLASSES = 5
@@ -353,14 +355,14 @@ def test_run_stages_compacts_and_matches_attacking_every_point(batch_size, bucke
     verdicts = stage_verdicts(n, len(stages))
     calls = []
     key = jax.random.key(3)
-    results = autoattack.run_stages(make_stage_fn(verdicts, calls), images, labels, clean, key,
+    results = run_stages(make_stage_fn(verdicts, calls), images, labels, clean, key,
                                     stages=stages, batch_size=batch_size, bucket_sizes=bucket_sizes)
     # Masked reference: every stage on every point, robust = clean & all verdicts so far.
     robust = clean
     for s, name in enumerate(stages):
         robust = robust & verdicts[s]
         np.testing.assert_array_equal(results[name], robust)
-    buckets = set(autoattack.default_bucket_sizes(batch_size) if bucket_sizes is None
+    buckets = set(default_bucket_sizes(batch_size) if bucket_sizes is None
                   else bucket_sizes) | {batch_size}
     before = {0: clean, 1: results["a"], 2: results["b"]}
     chunk_counter = {}
@@ -387,11 +389,11 @@ def test_run_stages_validates_its_arguments():
                             (dict(stages=("a", "a")), "stages"),
                             (dict(bucket_sizes=(8,)), "bucket_sizes")]:
         with pytest.raises(ValueError, match=message):
-            autoattack.run_stages(*args, **{**ok, **kwargs})
+            run_stages(*args, **{**ok, **kwargs})
     with pytest.raises(ValueError, match="share N"):
-        autoattack.run_stages(args[0], args[1], args[2][:2], args[3], args[4], **ok)
+        run_stages(args[0], args[1], args[2][:2], args[3], args[4], **ok)
     with pytest.raises(ValueError, match="expected"):
-        autoattack.run_stages(lambda *a: np.ones(2, bool), *args[1:], **ok)
+        run_stages(lambda *a: np.ones(2, bool), *args[1:], **ok)
 
 
 def test_the_evaluator_runs_autoattack_stage_by_stage():

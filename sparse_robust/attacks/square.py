@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparse_robust import attack_parts as parts
-from sparse_robust.attack_parts import LogitsFn
+from sparse_robust.attacks import parts
+from sparse_robust.attacks.parts import LogitsFn
 from sparse_robust.losses import margin_parts
 
 # Iterations (of a 10,000-query budget) after which the square's area fraction p is halved.

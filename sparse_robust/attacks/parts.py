@@ -1,7 +1,7 @@
 """The parts the attacks are built from: settings checks, objectives, norm-ball geometry and
 keeping the worst result per example.
 
-`sparse_robust.attacks`, `sparse_robust.fab` and `sparse_robust.square` share them, so every
+The modules of `sparse_robust.attacks` share them, so every
 attack validates, projects and keeps its worst point the same way.
 """
 

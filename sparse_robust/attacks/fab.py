@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparse_robust import attack_parts as parts
-from sparse_robust.attack_parts import LogitsFn
+from sparse_robust.attacks import parts
+from sparse_robust.attacks.parts import LogitsFn
 
 _MIN_NORM = 1e-8  # The reference's floor on projection norms (keeps the weights a1/(a1+a2) finite).
 
@@ -85,7 +85,7 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arr
     """FAB-T as AutoAttack runs it (one restart, no random start, so `key` is unused).
 
     For each target (the classes ranked 2nd to (n_target_classes + 1)-th by the clean logits,
-    `attack_parts.ranked_targets`), `num_steps` steps: with w, c the gradient and value of
+    `parts.ranked_targets`), `num_steps` steps: with w, c the gradient and value of
     z_t − z_y at the iterate x1, project x1 and the clean x onto {z : w·(z − x1) + c = 0} within
     the box (d1, d2), and move to (x1 + η·d1)(1 − α) + (x + η·d2)·α with
     α = min(‖d1‖ / (‖d1‖ + ‖d2‖), alpha_max). A misclassified iterate (into any class, as in
