@@ -1,6 +1,14 @@
 """sparse_robust: sparse and adversarially robust neural networks in JAX/Flax."""
 
+import pathlib
+import re
+
 import setuptools
+
+# The version's one source is sparse_robust/_version.py (read as text: setup must not import jax).
+VERSION = re.search(r'^__version__ = "([^"]+)"$',
+                    pathlib.Path(__file__).with_name("sparse_robust").joinpath("_version.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 INSTALL_REQUIRES = [
     "jax>=0.4.35",
@@ -31,7 +39,7 @@ EXTRAS_REQUIRE = {
 
 setuptools.setup(
     name="sparse_robust",
-    version="0.1.0",
+    version=VERSION,
     description="Sparse and adversarially robust neural networks: lottery tickets, "
     "adversarial pruning and inverse weights inheritance in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),

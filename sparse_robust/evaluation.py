@@ -38,6 +38,7 @@ from sparse_robust.attacks import passes
 from sparse_robust.attacks.fmn import fmn_min_norm
 from sparse_robust.attacks.autoattack import run_stages
 from sparse_robust.checks import check_choice
+from sparse_robust.convention import as_logits_fn
 from sparse_robust.objectives import cross_entropy
 from sparse_robust.training import ModelFn
 
@@ -143,7 +144,7 @@ class Evaluator:
             model_fn = self.model_fn
 
             def correct_and_loss(params, model_state, x, y, key):
-                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                logits_fn = as_logits_fn(model_fn, params, model_state)
                 if attack is not None:
                     x = attack(logits_fn, x, y, key)
                 logits = logits_fn(x)
@@ -158,7 +159,7 @@ class Evaluator:
             model_fn = self.model_fn
 
             def adversarial(params, model_state, x, y, key):
-                return attack(lambda z: model_fn(params, model_state, z, False)[0], x, y, key)
+                return attack(as_logits_fn(model_fn, params, model_state), x, y, key)
 
             self._programs[key] = self._jit(adversarial)
         return self._programs[key]
@@ -188,7 +189,7 @@ class Evaluator:
             model_fn = self.model_fn
 
             def sweep(params, model_state, x, y, key, eps_grid, step_sizes):
-                logits_fn = lambda z: model_fn(params, model_state, z, False)[0]
+                logits_fn = as_logits_fn(model_fn, params, model_state)
 
                 def correct_at(eps, step_size):
                     x_adv = attack(logits_fn, x, y, key, eps=eps, step_size=step_size)
@@ -691,7 +692,7 @@ def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels,
     if isinstance(sweep_points, bool) or not isinstance(sweep_points, int) or sweep_points < 2:
         raise ValueError(f"sweep_points={sweep_points!r} is invalid; allowed values: integers >= 2.")
     images, labels = _check_data(images, labels)
-    num_classes = jax.eval_shape(lambda x: evaluator.model_fn(params, model_state, x, False)[0],
+    num_classes = jax.eval_shape(as_logits_fn(evaluator.model_fn, params, model_state),
                                  images[:1]).shape[-1]
     attacks = dict(sanity_attacks(eps, norm, num_steps, num_classes) if attacks is None
                    else attacks)

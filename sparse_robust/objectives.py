@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from sparse_robust.convention import as_logits_fn, call_model_fn
 from sparse_robust.losses import cross_entropy, kl_divergence
 
 OBJECTIVES = ("natural", "mixed", "madry", "trades")
@@ -28,12 +29,13 @@ def _clean_and_adv_logits(model_fn, params, model_state, x, x_adv):
     """Train-mode logits of the clean and the adversarial batch, and the new model state."""
     if not jax.tree_util.tree_leaves(model_state):
         # Without batch statistics one pass over both halves computes the same logits, faster.
-        logits, new_state = model_fn(params, model_state, jnp.concatenate([x, x_adv]), True)
+        logits, new_state = call_model_fn(model_fn, params, model_state,
+                                          jnp.concatenate([x, x_adv]), True)
         return *jnp.split(logits, 2), new_state
     # Batch norm must normalise each batch by its own statistics (as TRADES and CleverHans do):
     # a joint pass would mix clean and adversarial statistics and change the loss.
-    clean_logits, model_state = model_fn(params, model_state, x, True)
-    adv_logits, model_state = model_fn(params, model_state, x_adv, True)
+    clean_logits, model_state = call_model_fn(model_fn, params, model_state, x, True)
+    adv_logits, model_state = call_model_fn(model_fn, params, model_state, x_adv, True)
     return clean_logits, adv_logits, model_state
 
 
@@ -76,19 +78,18 @@ class Objective:
 
     def adversarial_batch(self, model_fn, params, model_state, x, y, key) -> jax.Array:
         """The attack on the current params (eval mode), under stop-gradient."""
-        frozen = jax.lax.stop_gradient(params)
-        logits_fn = lambda z: model_fn(frozen, model_state, z, False)[0]
+        logits_fn = as_logits_fn(model_fn, jax.lax.stop_gradient(params), model_state)
         return jax.lax.stop_gradient(self.attack(logits_fn, x, y, key))
 
     def __call__(self, model_fn, params, model_state, x, y, key) -> tuple[jax.Array, Any]:
         if not self.adversarial:
-            logits, new_state = model_fn(params, model_state, x, True)
+            logits, new_state = call_model_fn(model_fn, params, model_state, x, True)
             loss = jnp.mean(cross_entropy(logits, y, self.label_smoothing))
             return loss, (new_state, {"loss": loss, "accuracy": accuracy(logits, y)})
 
         x_adv = self.adversarial_batch(model_fn, params, model_state, x, y, key)
         if self.name == "madry":
-            adv_logits, new_state = model_fn(params, model_state, x_adv, True)
+            adv_logits, new_state = call_model_fn(model_fn, params, model_state, x_adv, True)
             loss = jnp.mean(cross_entropy(adv_logits, y, self.label_smoothing))
             return loss, (new_state, {"loss": loss, "adv_accuracy": accuracy(adv_logits, y)})
 

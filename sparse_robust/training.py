@@ -6,12 +6,14 @@ and any optax optimizer, keeps pruned weights at zero through
 ``fold_in(state.key, state.step)`` so that a run resumed from a checkpoint continues bit for bit.
 
 The model convention of the whole library is ``model_fn(params, model_state, x, train) ->
-(logits, new_model_state)`` (:func:`make_model_fn` builds it from a flax module); evaluation
-(:mod:`sparse_robust.evaluation`) uses the same function in eval mode.
+(logits, new_model_state)`` (:func:`make_model_fn` builds it from any flax module); evaluation
+(:mod:`sparse_robust.evaluation`) uses the same function in eval mode, and attacks its
+``logits_fn`` (:func:`sparse_robust.convention.as_logits_fn`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import flax
@@ -21,12 +23,10 @@ import jax.numpy as jnp
 import optax
 
 from sparse_robust import masks as masks_lib
+from sparse_robust.convention import ModelFn
 from sparse_robust import objectives as objectives_lib
 from sparse_robust import parallel
 from sparse_robust import optim
-
-ModelFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -52,26 +52,50 @@ class TrainState:
         return {"params": self.params, **self.model_state}
 
 
-def make_model_fn(model: nn.Module) -> ModelFn:
-    """``model_fn(params, model_state, x, train) -> (logits, new_model_state)`` for a flax module.
+def takes_train(model: nn.Module) -> bool:
+    """Whether the module's ``__call__`` has a ``train`` argument (many flax modules do not)."""
+    return "train" in inspect.signature(model.__call__).parameters
 
-    ``model_state`` holds the non-trainable collections (e.g. ``batch_stats``); in train mode they
-    are updated, in eval mode they are read only.
+
+def make_model_fn(model: nn.Module) -> ModelFn:
+    """``model_fn(params, model_state, x, train) -> (logits, new_model_state)`` for any flax module.
+
+    Args:
+      model: a flax module called as ``model.apply(variables, x)``, with a ``train`` argument or
+        without one. Without one, the module itself decides how it uses its batch statistics;
+        ``train`` then only decides whether their updates are kept.
+
+    ``model_state`` holds the non-trainable collections (e.g. ``batch_stats``, as
+    :func:`init_variables` returns them); in train mode they are updated, in eval mode read only.
     """
+    with_train = takes_train(model)
 
     def model_fn(params, model_state, x, train):
         variables = {"params": params, **model_state}
-        if train and model_state:
-            logits, new_state = model.apply(variables, x, train=True, mutable=list(model_state))
-            return logits, dict(new_state)
-        return model.apply(variables, x, train=train), model_state
+        kwargs = {"train": train} if with_train else {}
+        if model_state and (train or not with_train):
+            # Without `train` the module may update its statistics in either mode: let it, and
+            # keep the updates only when training.
+            logits, new_state = model.apply(variables, x, mutable=list(model_state), **kwargs)
+            return logits, (dict(new_state) if train else model_state)
+        return model.apply(variables, x, **kwargs), model_state
 
     return model_fn
 
 
 def init_variables(model: nn.Module, key: jax.Array, sample_input: jax.Array) -> tuple[Any, dict]:
-    """(params, model_state) of a freshly initialised model."""
-    variables = dict(model.init(key, sample_input, train=False))
+    """``(params, model_state)`` of a freshly initialised flax module (with or without ``train``).
+
+    Args:
+      model: any flax module; ``train=False`` is passed only where its ``__call__`` takes it.
+      key: the PRNG key of the initialisers.
+      sample_input: a batch of the input's shape and dtype (one row is enough).
+
+    ``model_state`` holds every collection but ``params`` (batch statistics where the module has
+    them, else it is empty).
+    """
+    kwargs = {"train": False} if takes_train(model) else {}
+    variables = dict(model.init(key, sample_input, **kwargs))
     params = variables.pop("params")
     return params, variables
 
@@ -130,7 +154,8 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
     step). The state's buffers are donated.
 
     With ``scan=False`` each step is its own jitted call, dispatched from Python, with the same
-    results. Use it for convolutional networks on CPU: XLA:CPU computes convolution weight
+    results; numpy ``images``, ``labels`` and ``indices`` are put on the device once per call, so
+    they cost what device arrays cost. Use it for convolutional networks on CPU: XLA:CPU computes convolution weight
     gradients several times slower inside a loop than at the top level of a program (7x for
     conv-4, see benchmarks/README.md), while one dispatch costs well under a millisecond.
 
@@ -166,16 +191,31 @@ def make_train_loop(model_fn: ModelFn, tx: optax.GradientTransformation,
         batch_axis = int(scan) + int(vmap_trials)  # of indices: [trials,] [steps,] batch
         jitted = jax.jit(fn, donate_argnums=0, out_shardings=(rep, rep),
                          in_shardings=(rep, rep, rep, parallel.batch_sharded(mesh, batch_axis)))
-    return jitted if scan else _SteppedLoop(jitted, vmap_trials)
+    return jitted if scan else _SteppedLoop(jitted, vmap_trials, mesh)
 
 
 class _SteppedLoop:
     """The loop of ``make_train_loop(scan=False)``: one jitted call per step."""
 
-    def __init__(self, step, vmap_trials: bool):
-        self._step, self._step_axis = step, int(vmap_trials)
+    def __init__(self, step, vmap_trials: bool, mesh=None):
+        self._step, self._step_axis, self._mesh = step, int(vmap_trials), mesh
+
+    def _on_device(self, images, labels, indices):
+        """Host (numpy) arrays put on the device(s) once per call, not once per step: a jitted
+        call copies a host argument every time (the whole dataset, every step)."""
+        def place(x, sharding):
+            if isinstance(x, jax.Array):
+                return x
+            return jax.device_put(x) if sharding is None else parallel.put(x, sharding)
+
+        rep = batch = None
+        if self._mesh is not None:
+            rep = parallel.replicated(self._mesh)
+            batch = parallel.batch_sharded(self._mesh, self._step_axis + 1)
+        return place(images, rep), place(labels, rep), place(indices, batch)
 
     def __call__(self, state, images, labels, indices):
+        images, labels, indices = self._on_device(images, labels, indices)
         step_metrics = []
         for i in range(indices.shape[self._step_axis]):
             # Sliced where it lies: a batch-sharded array of several processes keeps its sharding

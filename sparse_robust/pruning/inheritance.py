@@ -167,12 +167,12 @@ def create_train_state(params, model_state, tx: optax.GradientTransformation, tr
     """A fresh train state whose untrainable entries keep their (non-zero) values.
 
     Unlike ``training.create_train_state`` nothing is zeroed: ``trainable`` (e.g. from
-    :func:`trainable_mask`) only stops gradients and updates, through the same
-    ``optim.keep_pruned_at_zero`` wrapper the train step uses.
+    :func:`trainable_mask`) only stops gradients and updates, through ``optim.freeze`` (whose
+    state the train step recognises).
     """
     params, model_state, trainable, key = jax.tree_util.tree_map(
         jnp.array, (params, model_state, trainable, jnp.asarray(key, jnp.uint32)))
     return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                model_state=model_state,
-                               opt_state=optim.keep_pruned_at_zero(tx, trainable).init(params),
+                               opt_state=optim.freeze(tx, trainable).init(params),
                                key=key)
