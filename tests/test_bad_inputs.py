@@ -80,6 +80,8 @@ CONFIG_CASES = [
      "config.branches.harp.gamma = -1.0"),
     ("harp_steps_negative", setter("branches.harp.num_steps", -5),
      "config.branches.harp.num_steps = -5"),
+    ("harp_rate_lr_zero", setter("branches.harp.rate_learning_rate", 0.0),
+     "config.branches.harp.rate_learning_rate = 0.0"),
     ("radmm_rho_zero", setter("branches.radmm.rho", 0.0), "config.branches.radmm.rho = 0.0"),
     ("radmm_rho_growth_below_one", setter("branches.radmm.rho_growth", 0.5),
      "config.branches.radmm.rho_growth = 0.5"),

@@ -190,3 +190,16 @@ def test_bad_settings_are_refused_with_one_line(kwargs, message):
     settings = {"target": 0.1, "alpha": 0.5, "gamma": 1.0, "num_steps": 10, **kwargs}
     with pytest.raises(ValueError, match=message):
         harp.make_objective(Objective("natural"), harp.init_scores(tiny_params(0)), **settings)
+
+
+def test_score_optimizer_steps_rates_with_their_own_learning_rate():
+    params = {"scores": harp.init_scores(tiny_params(0)),
+              "rate_logits": harp.init_rate_logits(masks.create_mask(tiny_params(0)), TARGET,
+                                                   ALPHA)}
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    tx = harp.score_optimizer(optax.sgd(0.5), optax.sgd(3.0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for leaf in jax.tree_util.tree_leaves(updates["scores"]):
+        np.testing.assert_allclose(leaf, -0.5)
+    for leaf in jax.tree_util.tree_leaves(updates["rate_logits"]):
+        np.testing.assert_allclose(leaf, -3.0)

@@ -173,6 +173,15 @@ def create_score_state(weights, model_state, scores, rate_logits,
     return training.create_train_state(params, state, tx, every, key)
 
 
+def score_optimizer(scores_tx: optax.GradientTransformation,
+                    rates_tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """One optimizer for the score phase's params, with its own for the rate logits: a logit must
+    travel several units over the phase (k_l from the target to where the layer needs it), far
+    more than an Adam step of the scores' learning rate allows in a few hundred steps."""
+    return optax.multi_transform({"scores": scores_tx, "rate_logits": rates_tx},
+                                 {"scores": "scores", "rate_logits": "rate_logits"})
+
+
 def learned_rates(rate_logits, kmin: float) -> dict[str, float]:
     """{layer: keep rate} the score phase learned (host floats)."""
     return {masks_lib.layer_name(name): float(keep_rate(r, kmin))

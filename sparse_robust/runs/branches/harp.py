@@ -18,9 +18,11 @@ def _score_context(b, target: float, scores):
     ctx = b.ctx.phase(s["num_steps"], s["learning_rate"])
     objective = harp.make_objective(b.ctx.objective, scores, target, s["alpha"], s["gamma"],
                                     ctx.schedule.num_steps)
+    rates_tx = ctx.make_optimizer(s["rate_learning_rate"])
     return ctx.derive(model_fn=harp.make_score_model_fn(b.ctx.model_fn,
                                                         harp.k_min(target, s["alpha"])),
-                      objective=objective)
+                      objective=objective,
+                      optimizer=harp.score_optimizer(ctx.optimizer, rates_tx))
 
 
 def run(b):
@@ -57,11 +59,15 @@ BRANCH = Branch(
     settings=(field("num_steps", integer(0), "Score-phase steps (0 = train.num_steps)."),
               field("learning_rate", number(0),
                     "Score-phase learning rate (0 = train.learning_rate)."),
+              field("rate_learning_rate", number(0, low_open=True),
+                    "Learning rate of the rate logits (their own optimizer of train.optimizer's "
+                    "kind: a logit must move several units over the score phase)."),
               field("alpha", number(0, 1, high_open=True),
                     "k_min = alpha * target: the lowest keep rate a layer may learn."),
               field("gamma", number(0),
                     "Weight of the rate penalty at the end of the score phase (it rises "
                     "linearly from 0).")),
-    defaults={"num_steps": 0, "learning_rate": 0.0, "alpha": 0.1, "gamma": 10.0},
+    defaults={"num_steps": 0, "learning_rate": 0.0, "rate_learning_rate": 0.02, "alpha": 0.1,
+              "gamma": 10.0},
     steps=lambda b: (b.finetune.schedule.num_steps
                      + (b.settings["num_steps"] or b.ctx.schedule.num_steps)))
