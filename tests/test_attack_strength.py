@@ -1,9 +1,10 @@
 """The rules that decide how strong an attack is, each checked so that loosening it fails a test:
 Square's acceptance (against its own shorter runs: a shared key makes a longer run extend a
-shorter one) and FAB's step (against an independent NumPy loop on fixed inputs: step bound,
-overshoot and pull-back included). APGD's step-size rule, checkpoints and restarts are checked
+shorter one), FAB's step (against an independent NumPy loop on fixed inputs: step bound,
+overshoot and pull-back included) and FMN's ε rule and schedules (an independent NumPy loop).
+APGD's step-size rule, checkpoints and restarts are checked
 against a reference loop in test_attacks, the target order of APGD-T and FAB-T in
-test_autoattack, FMN against the closed-form minimal norm in test_fmn."""
+test_autoattack, FMN's minimal norms against a linear model's closed form in test_fmn."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +88,48 @@ def test_fab_follows_an_independent_loop_step_by_step(norm):
     assert 0.2 < within.mean() < 1.0
     np.testing.assert_allclose(x_adv[within], best[within], atol=2e-4)
     np.testing.assert_array_equal(x_adv[~within], X[~within])
+
+
+def numpy_fmn(model, x, y, *, num_steps, norm, alpha_init=1.0, alpha_final=0.01,
+              gamma_init=0.05, gamma_final=0.001):
+    """FMN (Pintor et al. 2021, Algorithm 1 as the authors' code runs it) in NumPy with the
+    model's analytic gradient of the logit difference: the smallest adversarial norm per row."""
+    dual = (lambda g: np.abs(g).sum(1)) if norm == "linf" else (lambda g: np.linalg.norm(g, axis=1))
+    size = (lambda v: np.abs(v).max(1)) if norm == "linf" else (lambda v: np.linalg.norm(v, axis=1))
+    worst = size(np.maximum(x, 1 - x))
+    delta = np.zeros_like(x)
+    eps = np.full(len(x), np.inf, np.float32)
+    best_norm = np.full(len(x), np.inf, np.float32)
+    found = np.zeros(len(x), bool)
+    for k in range(num_steps):
+        cosine = (1 + np.cos(np.pi * k / num_steps)) / 2
+        alpha = alpha_final + (alpha_init - alpha_final) * cosine
+        gamma = gamma_final + (gamma_init - gamma_final) * cosine
+        loss, grad, predicted = model.loss_and_grad(x + delta, y, "margin")
+        adversarial = predicted != y
+        delta_norm = size(delta)
+        best_norm = np.where(adversarial & (delta_norm < best_norm), delta_norm, best_norm)
+        found |= adversarial
+        eps = np.where(adversarial, np.minimum(eps * (1 - gamma), best_norm),
+                       np.where(found, eps * (1 + gamma),
+                                delta_norm + np.abs(loss) / (dual(grad) + 1e-12)))
+        eps = np.minimum(eps, worst)
+        delta = delta + alpha * grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True),
+                                                  1e-12)
+        if norm == "linf":
+            delta = np.clip(delta, -eps[:, None], eps[:, None])
+        else:
+            delta = delta * np.minimum(1, eps / np.maximum(np.linalg.norm(delta, axis=1), 1e-12))[:, None]
+        delta = np.clip(x + delta, 0, 1) - x
+    return best_norm
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fmn_follows_an_independent_loop(norm):
+    """On a steep network (where FMN's ε rule and schedules decide what it finds, unlike a
+    linear model whose boundary the first step reaches) the minimal norms equal the NumPy loop's:
+    loosening the ε shrink, the γ or α schedule or the projection changes them."""
+    expected = numpy_fmn(STEEP, X, STEEP_Y, num_steps=30, norm=norm)
+    _, actual = attacks.fmn_min_norm(STEEP.jax_logits, X, STEEP_Y, norm=norm, num_steps=30)
+    assert np.isfinite(expected).mean() > 0.8  # (+∞ where neither found a point: equal too)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=2e-3)
