@@ -109,3 +109,35 @@ def test_the_fmn_check_flags_points_autoattack_missed():
     check = evaluation.fmn_check(0.45, 0.50, 100)
     assert not check.passed and "5 of 100" in check.detail and "missed" in check.detail
     assert evaluation.fmn_check(0.45, 0.50, 100, slack=0.05).passed
+
+
+def test_the_engine_records_fmn_curves_and_checks_them_against_autoattack(
+        tiny_config_file, load_config, tmp_path):
+    """An "fmn" attack among the final evaluation's: each record carries its robustness curve
+    (monotone, starting at clean accuracy, with AutoAttack's ε on the grid) and the check
+    against AutoAttack's accuracy at that ε."""
+    import ml_collections
+
+    from experiments import main as cli
+    from sparse_robust.runs import store
+    from sparse_robust.runs.layout import Layout
+
+    config = load_config(tiny_config_file(20))
+    config.attacks["fmn"] = ml_collections.ConfigDict(
+        {"name": "fmn", "eps": 0.1, "norm": "linf", "num_steps": 20, "label_source": "true"})
+    config.attacks["aa"] = ml_collections.ConfigDict(
+        {"name": "autoattack", "eps": 0.05, "norm": "linf", "num_steps": 5,
+         "n_target_classes": 3, "num_queries": 20, "label_source": "true"})
+    config.eval.attacks = "fmn,aa"
+    config.prune.levels = 1
+    path = str(tmp_path / "run")
+    assert cli.run_and_report(config, path) == 0
+    records = store.read_json(Layout(path).summary)
+    assert records
+    for record in records:
+        curve = record["robustness_curves"]["fmn"]
+        assert np.all(np.diff(curve["accuracy"]) <= 0) and 0.05 in curve["eps"]
+        assert curve["accuracy"][0] == pytest.approx(record["clean_accuracy"])
+        check = record["sanity_checks"]["fmn_fmn_finds_nothing_new"]
+        at_eps = curve["accuracy"][curve["eps"].index(0.05)]
+        assert check["passed"] == (at_eps >= record["robust_accuracy"]["aa"] - 1e-9)

@@ -425,3 +425,35 @@ def test_attack_titles_name_every_attack_as_the_papers_do(settings, title):
     from sparse_robust.runs import units
     record_settings = store.to_json(units._attack_settings(attacks.make_attack(**settings)))
     assert attack_title("label", record_settings) == title
+
+
+def test_robustness_curves_plot_beside_the_autoattack_point(tmp_path):
+    numbers = known_numbers(9)
+    attacks = dict(SETTINGS, aa={"name": "autoattack", "eps": 0.1, "norm": "linf",
+                                 "label_source": "true"},
+                   fmn={"name": "fmn", "eps": 0.1, "norm": "linf", "num_steps": 100,
+                        "label_source": "true"})
+    grid = list(np.linspace(0, 0.3, 7))
+    records = []
+    for t in range(NUM_TRIALS):
+        for lvl in range(NUM_LEVELS):
+            base = record(numbers, t, lvl)
+            curve = list(np.linspace(0.8, 0.2, 7) - 0.05 * lvl)
+            records.append(record(numbers, t, lvl, attacks=attacks,
+                                  robust_accuracy=dict(base["robust_accuracy"], aa=0.5, fmn=0.6),
+                                  robustness_curves={"fmn": {"eps": grid, "accuracy": curve,
+                                                             "norm": "linf",
+                                                             "median_norm": 0.15}}))
+    path = write_workdir(tmp_path / "c", numbers, checkpoints=False, records=records)
+    run = report.load_run(path)
+    fig = report.robustness_curves_figure(run)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == NUM_LEVELS  # a curve per level
+    stars = [c for c in ax.collections if len(c.get_offsets()) == 1]
+    assert len(stars) == NUM_LEVELS
+    assert all(np.allclose(c.get_offsets()[0], [0.1, 50.0]) for c in stars)  # AutoAttack's point
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), 100 * np.linspace(0.8, 0.2, 7))
+    assert "AutoAttack" in ax.get_title()
+    assert is_png(report.plot_robustness_curves(run, str(tmp_path)))
+    no_curves = report.load_run(write_workdir(tmp_path / "n", numbers, checkpoints=False))
+    assert report.plot_robustness_curves(no_curves, str(tmp_path)) is None

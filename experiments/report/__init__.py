@@ -6,8 +6,9 @@ prints the paper-style table (test accuracy per level, mean ± std over trials, 
 titled with its steps, ε and label source; for runs with branches also the methods table and
 inverse inheritance vs from scratch), the failed sanity checks and a conclusion computed from the
 numbers, and writes into DIR (default: the first WORKDIR/report) table.md, table.tex and PNG
-plots: accuracy vs weights remaining, learning curves, early stopping, weight distributions and
-robust accuracy vs the diagnostics when the records carry them.
+plots: accuracy vs weights remaining, learning curves, early stopping, weight distributions,
+robust accuracy vs the diagnostics and FMN's robustness curves beside AutoAttack's point when
+the records carry them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from experiments.report.plots import (accuracy_figure, diagnostic_names, diagnos
                                       learning_curves, learning_curves_figure,
                                       plot_accuracy_vs_weights, plot_diagnostics,
                                       plot_early_stopping, plot_learning_curves,
-                                      plot_weight_distributions, surviving_weights,
+                                      plot_robustness_curves, plot_weight_distributions,
+                                      robustness_curves_figure, surviving_weights,
                                       weight_figures)
 from experiments.report.tables import (FORMATS, conclusion, failed_sanity_checks,
                                        harp_rates_table, inverse_inheritance_table,
@@ -36,7 +38,8 @@ __all__ = ["Run", "accuracy_figure", "conclusion", "diagnostic_names", "diagnost
            "failed_sanity_checks", "harp_rates_table", "inverse_inheritance_table", "learning_curves",
            "learning_curves_figure", "load_run", "load_runs", "main", "methods_table",
            "paper_table", "plot_accuracy_vs_weights", "plot_diagnostics", "plot_early_stopping",
-           "plot_learning_curves", "plot_weight_distributions", "surviving_weights",
+           "plot_learning_curves", "plot_robustness_curves", "plot_weight_distributions",
+           "robustness_curves_figure", "surviving_weights",
            "weight_figures", "write_report"]
 
 
@@ -62,6 +65,7 @@ def write_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     for run in runs:
         plot_weight_distributions(run, out_dir)
     plot_diagnostics(runs, out_dir, accuracy=accuracy)
+    plot_robustness_curves(runs, out_dir)
     return markdown
 
 

@@ -378,3 +378,50 @@ def plot_diagnostics(runs, out_dir: str, attack: Optional[str] = None,
                      accuracy: str = "final") -> Optional[str]:
     fig = diagnostics_figure(runs, attack, accuracy)
     return None if fig is None else save(fig, out_dir, "diagnostics.png")
+
+
+def robustness_curves_figure(runs: Union[Run, Sequence[Run]]) -> Optional[Figure]:
+    """Robust accuracy vs ε from FMN's minimal norms (``robustness_curves`` in the records), one
+    panel per method and FMN attack, a line per level (mean over trials) coloured by weights
+    remaining, with AutoAttack's accuracy at its ε (same norm) as a point of the same colour;
+    None when no record has a curve."""
+    runs = as_runs(runs)
+    labels = sorted({label for run in runs for r in run.records
+                     for label in (r.get("robustness_curves") or {})})
+    if not labels:
+        return None
+    panels = [(name, records, label) for name, _, _, records in series(runs) for label in labels
+              if any(label in (r.get("robustness_curves") or {}) for r in records)]
+    mappable = _weights_colours([remaining_percent([r]) for run in runs for r in run.records])
+    fig, axes = _panels(len(panels), sharey=True)
+    for ax, (name, records, label) in zip(axes, panels):
+        for _, _, level_records in level_groups(records):
+            kept = [r["robustness_curves"][label] for r in level_records
+                    if label in (r.get("robustness_curves") or {})]
+            if not kept:
+                continue
+            colour = mappable.to_rgba(remaining_percent(level_records))
+            eps = np.asarray(kept[0]["eps"])
+            ax.plot(eps, 100 * np.mean([c["accuracy"] for c in kept], axis=0), color=colour,
+                    lw=1.2)
+            for attack, settings in (level_records[0].get("attacks") or {}).items():
+                if settings.get("name") == "autoattack" and \
+                        settings.get("norm") == kept[0].get("norm"):
+                    robust = [r["robust_accuracy"].get(attack) for r in level_records]
+                    robust = [v for v in robust if v is not None]
+                    if robust:
+                        ax.scatter([settings["eps"]], [100 * np.mean(robust)], color=colour,
+                                   marker="*", s=60, edgecolor="k", lw=0.5, zorder=3)
+        title = attack_title(label, attack_settings(runs, label))
+        ax.set_title(f"{name}: {title} (★ AutoAttack)", fontsize="small")
+        ax.set_xlabel("ε")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelleft=True)
+    axes[0].set_ylabel("robust accuracy (%)")
+    _colourbar(fig, mappable, axes)
+    return fig
+
+
+def plot_robustness_curves(runs, out_dir: str) -> Optional[str]:
+    fig = robustness_curves_figure(runs)
+    return None if fig is None else save(fig, out_dir, "robustness_curves.png")

@@ -292,7 +292,8 @@ def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:
                 if "num_examples" in checks else ""
             for check, outcome in sorted(checks.items()):
                 if isinstance(outcome, dict) and not outcome["passed"]:
-                    where = "" if check.endswith("square_finds_nothing_new") else sample
+                    where = "" if check.endswith(("square_finds_nothing_new",
+                                                  "fmn_finds_nothing_new")) else sample
                     lines.append(f"- {name}, level {record['level']}, trial {record['trial']}"
                                  f"{where}: **{check}**: {outcome['detail']}")
     if not lines:
@@ -302,7 +303,8 @@ def failed_sanity_checks(runs: Union[Run, Sequence[Run]]) -> str:
             "the periodic attack's ε (true labels); *deterministic_at_evaluation* (two clean "
             "passes agree) and *few_zero_gradients* (share of images with a zero input gradient "
             "of the cross-entropy) are the reference implementation's warnings, on the same "
-            "images; *square_finds_nothing_new* reads AutoAttack's stages on the final "
+            "images; *square_finds_nothing_new* reads AutoAttack's stages and "
+            "*fmn_finds_nothing_new* FMN's robustness curve at AutoAttack's ε, on the final "
             "evaluation's images.\n\n" + "\n".join(lines) + "\n")
 
 

@@ -14,6 +14,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 import jax
+import numpy as np
 
 from sparse_robust import diagnostics as diagnostics_lib
 from sparse_robust import evaluation
@@ -117,6 +118,44 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array,
     return out, {label: values for label, values in stages.items() if values}
 
 
+def _autoattacks_of_norm(ctx: Context, norm: str) -> dict:
+    return {label: attack for label, attack in ctx.eval.attacks.items()
+            if attack.name == "autoattack" and dict(attack.options)["norm"] == norm}
+
+
+def robustness_curves(ctx: Context, params, model_state) -> dict:
+    """{label: {"eps": grid, "accuracy": robust accuracy at each ε, "median_norm": ...}} for the
+    FMN attacks among the final evaluation's, from one minimal-norm run on its test images. The
+    grid: 31 points from 0 to 3 × the attack's ε, plus the ε of every AutoAttack of its norm."""
+    n = ctx.eval.final_examples or None
+    curves = {}
+    for label, attack in ctx.eval.attacks.items():
+        if attack.name != "fmn":
+            continue
+        norms = ctx.evaluator.minimal_norms(params, model_state, ctx.dataset.test_images[:n],
+                                            ctx.dataset.test_labels[:n], attack)
+        norm = dict(attack.options)["norm"]
+        extra = [a.eps for a in _autoattacks_of_norm(ctx, norm).values()]
+        grid = np.unique(np.concatenate([np.linspace(0.0, 3.0 * attack.eps, 31), extra]))
+        curves[label] = {"eps": grid.tolist(), "norm": norm,
+                         "accuracy": evaluation.robustness_curve(norms, grid).tolist(),
+                         "median_norm": evaluation.median_norm(norms)}
+    return curves
+
+
+def _fmn_checks(ctx: Context, curves: dict, final: dict) -> dict:
+    """FMN's curve below AutoAttack at AutoAttack's ε (same norm): points AutoAttack missed."""
+    checks = {}
+    for fmn_label, curve in curves.items():
+        for label, attack in _autoattacks_of_norm(ctx, curve["norm"]).items():
+            at_eps = curve["accuracy"][curve["eps"].index(attack.eps)]
+            check = evaluation.fmn_check(at_eps, final[label],
+                                         ctx.eval.final_examples or ctx.dataset.num_test)
+            checks[f"{fmn_label}_{check.name}"] = {"passed": bool(check.passed),
+                                                   "detail": check.detail}
+    return checks
+
+
 def _sanity_checks(ctx: Context, params, model_state, key) -> Optional[dict]:
     n = ctx.eval.sanity_examples
     if not n or ctx.eval.attack is None:
@@ -184,7 +223,12 @@ def _finish(layout: Layout, unit: Unit, outcome: fit_lib.FitOutcome) -> Trained:
         check = evaluation.square_check(by_stage, ctx.eval.final_examples or ctx.dataset.num_test)
         checks = dict(checks or {}, **{f"{label}_{check.name}": {"passed": bool(check.passed),
                                                                  "detail": check.detail}})
+    curves = robustness_curves(ctx, params, model_state)
+    if curves:
+        checks = dict(checks or {}, **_fmn_checks(ctx, curves, final))
     extra = {"attack_stages": stages} if stages else {}
+    if curves:
+        extra["robustness_curves"] = curves
     record = record_of(
         unit, outcome, final, best, sanity_checks=checks, **extra,
         forward_flops=forward_flops(ctx, params, model_state, unit.mask),
