@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import print_rows, time_fn
+from benchmarks.common import matmul_flops_per_second, print_rows, time_fn
 from sparse_robust import attacks, masks, objectives, training
 from sparse_robust.models import get_model, sparse_execution
 
@@ -134,7 +134,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = run(args.quick, 1 if args.quick else args.repeats, args.densities, not args.no_conv)
     print(f"{jax.device_count()} {jax.default_backend()} device(s); sparse kernel: "
-          f"{sparse_execution.sparse_cpu.unavailable_reason() or 'built'}")
+          f"{sparse_execution.sparse_cpu.unavailable_reason() or 'built'}; 1024^2 matmul "
+          f"{matmul_flops_per_second(1024) / 1e9:.0f} GFLOP/s (the machine's load)")
     print_rows(rows)
     print(json.dumps(speed_ups(rows)))
 
