@@ -161,3 +161,14 @@ def test_the_engine_evaluates_a_sparse_ticket_sparse_and_anything_else_as_before
     # Another model fn (HYDRA's scores) is evaluated as it is.
     scored = ctx.derive(model_fn=lambda *args: ctx.model_fn(*args))
     assert scored.ticket_evaluator(mask) is scored.evaluator
+
+
+def test_the_switch_is_a_config_field_that_does_not_change_results():
+    """Either path gives the same per-example results, so a workdir resumes across it."""
+    from experiments.configs import base
+    from sparse_robust.runs import schema
+
+    config = base.get_config()
+    assert config.model.sparse_impl == "auto"
+    assert "sparse_impl" not in schema.result_fields(config)["model"]
+    assert "conv_impl" in schema.result_fields(config)["model"]
