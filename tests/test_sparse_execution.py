@@ -56,8 +56,8 @@ def test_auto_runs_sparse_below_the_threshold_and_the_switch_forces_either_path(
 def test_logits_and_gradients_match_masked_dense():
     model, params, state, mask, x, y = _ticket(model_name="lenet-300-100")  # with biases
     sparse, dense = sparse_model_fn(model, mask, "sparse"), training.make_model_fn(model)
-    np.testing.assert_allclose(sparse(params, state, x, False)[0], dense(params, state, x, False)[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(sparse(params, state, x, False)[0],
+                               dense(params, state, x, False)[0], atol=1e-5)
 
     loss = lambda fn: lambda p, x: jnp.mean(cross_entropy(fn(p, state, x, False)[0], y))
     got = jax.jit(jax.grad(loss(sparse), (0, 1)))(params, x)

@@ -100,9 +100,9 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array,
     """({"clean": ..., <label>: ..., "worst_case": ...}, {<staged label>: {stage: accuracy}})
     on the final evaluation's test images, by `evaluator` (default: the context's)."""
     n = ctx.eval.final_examples or None
-    measured = (evaluator or ctx.evaluator).evaluate(params, model_state, ctx.dataset.test_images[:n],
-                                      ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
-                                      progress=ctx.progress.enabled)
+    measured = (evaluator or ctx.evaluator).evaluate(
+        params, model_state, ctx.dataset.test_images[:n], ctx.dataset.test_labels[:n],
+        ctx.eval.attacks, key, progress=ctx.progress.enabled)
     out = {"clean": measured["accuracy"]}
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
     if ctx.eval.attacks:
