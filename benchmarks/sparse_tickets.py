@@ -1,7 +1,7 @@
 """Sparse execution of unstructured tickets against masked-dense, in the same run.
 
-Run: ``python -m benchmarks.sparse_tickets`` (a few minutes on 2 CPU cores; ``--quick`` for a
-seconds-long run on small sizes). For dense-300-100 with 10 %, 3.6 % and 1 % of each layer's
+Run: ``python -m benchmarks.sparse_tickets`` (about 8 minutes on 2 shared CPU cores; ``--quick``
+for a short run: tiny sizes, dense-300-100 at 1 % only). For dense-300-100 with 10 %, 3.6 % and 1 % of each layer's
 weights kept (random masks, random Glorot weights), and for conv-2 with 1 % kept (its dense
 layers run sparse, its convolutions stay dense; 100 images), it times
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import print_rows, time_fn
+from benchmarks.common import matmul_flops_per_second, print_rows, time_fn
 from sparse_robust import attacks, masks, objectives, training
 from sparse_robust.models import get_model, sparse_execution
 
@@ -126,15 +126,20 @@ def run(quick: bool = False, repeats: int = 3, densities=DENSITIES, conv: bool =
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, dense-300-100 at 1 %% only (unless --densities): "
+                             "about half a minute, mostly compilation")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best is kept)")
-    parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES,
+    parser.add_argument("--densities", type=float, nargs="+", default=None,
                         help="fractions of dense-300-100's weights kept")
     parser.add_argument("--no-conv", action="store_true", help="skip the conv-2 row")
     args = parser.parse_args(argv)
-    rows = run(args.quick, 1 if args.quick else args.repeats, args.densities, not args.no_conv)
+    densities = args.densities or ((0.01,) if args.quick else DENSITIES)
+    rows = run(args.quick, 1 if args.quick else args.repeats, densities,
+               not (args.no_conv or args.quick))
     print(f"{jax.device_count()} {jax.default_backend()} device(s); sparse kernel: "
-          f"{sparse_execution.sparse_cpu.unavailable_reason() or 'built'}")
+          f"{sparse_execution.sparse_cpu.unavailable_reason() or 'built'}; 1024^2 matmul "
+          f"{matmul_flops_per_second(1024) / 1e9:.0f} GFLOP/s (the machine's load)")
     print_rows(rows)
     print(json.dumps(speed_ups(rows)))
 

@@ -21,9 +21,10 @@ pytestmark = pytest.mark.skipif(
     reason="the kernel is built for Linux on x86-64 only")
 
 # (x shape, N, density): rows below, at and past a 64-row block, widths that are and are not
-# multiples of 8, a leading batch dimension, an almost empty and a fairly dense pattern.
+# multiples of 8, a leading batch dimension, an almost empty and a fairly dense pattern, and one
+# block with enough columns to be split over threads.
 CASES = [((7, 13), 5, 0.3), ((64, 40), 24, 0.1), ((150, 33), 17, 0.05),
-         ((3, 70, 16), 9, 0.2), ((130, 784), 300, 0.01)]
+         ((3, 70, 16), 9, 0.2), ((130, 784), 300, 0.01), ((50, 40), 70, 0.1)]
 
 
 def _case(shape, n, density, seed=0):

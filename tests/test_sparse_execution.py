@@ -56,8 +56,8 @@ def test_auto_runs_sparse_below_the_threshold_and_the_switch_forces_either_path(
 def test_logits_and_gradients_match_masked_dense():
     model, params, state, mask, x, y = _ticket(model_name="lenet-300-100")  # with biases
     sparse, dense = sparse_model_fn(model, mask, "sparse"), training.make_model_fn(model)
-    np.testing.assert_allclose(sparse(params, state, x, False)[0], dense(params, state, x, False)[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(sparse(params, state, x, False)[0],
+                               dense(params, state, x, False)[0], atol=1e-5)
 
     loss = lambda fn: lambda p, x: jnp.mean(cross_entropy(fn(p, state, x, False)[0], y))
     got = jax.jit(jax.grad(loss(sparse), (0, 1)))(params, x)
@@ -161,3 +161,14 @@ def test_the_engine_evaluates_a_sparse_ticket_sparse_and_anything_else_as_before
     # Another model fn (HYDRA's scores) is evaluated as it is.
     scored = ctx.derive(model_fn=lambda *args: ctx.model_fn(*args))
     assert scored.ticket_evaluator(mask) is scored.evaluator
+
+
+def test_the_switch_is_a_config_field_that_does_not_change_results():
+    """Either path gives the same per-example results, so a workdir resumes across it."""
+    from experiments.configs import base
+    from sparse_robust.runs import schema
+
+    config = base.get_config()
+    assert config.model.sparse_impl == "auto"
+    assert "sparse_impl" not in schema.result_fields(config)["model"]
+    assert "conv_impl" in schema.result_fields(config)["model"]

@@ -82,21 +82,17 @@ void transpose_in(const float* a, int64_t width, int64_t r0, int count, float* t
   transpose(a + r0 * width, width, count, width, t, kBlock);
 }
 
-// y[r0 + i][c] = t[c][i] for rows i < count.
-void transpose_out(const float* t, int64_t width, int64_t r0, int count, float* y) {
-  transpose(t, kBlock, width, count, y + r0 * width, width);
-}
-
 inline v16 broadcast(float a) { return (v16){} + a; }
 
 // One block of y = x W: per output column, the sum over its nonzeros of value times the input
 // row (kBlock batch rows), two nonzeros at a time into separate sums for more parallel chains.
+// Output columns [n0, n1) only: a small batch (one block) is split by columns over threads.
 void spmm_block(const Dims& d, const float* x, const float* values, const int32_t* ptr,
-                const int32_t* idx, float* y, int64_t r0, Scratch& s) {
+                const int32_t* idx, float* y, int64_t r0, int64_t n0, int64_t n1, Scratch& s) {
   const int count = int(std::min<int64_t>(kBlock, d.rows - r0));
   transpose_in(x, d.k, r0, count, s.in.data());
   const float* xt = s.in.data();
-  for (int64_t n = 0; n < d.n; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     v16 a[4] = {}, b[4] = {};
     int32_t j = ptr[n];
     const int32_t end = ptr[n + 1];
@@ -117,7 +113,7 @@ void spmm_block(const Dims& d, const float* x, const float* values, const int32_
     float* out = s.out.data() + n * kBlock;
     for (int v = 0; v < 4; ++v) store16(out + 16 * v, a[v] + b[v]);
   }
-  transpose_out(s.out.data(), d.n, r0, count, y);
+  transpose(s.out.data() + n0 * kBlock, kBlock, n1 - n0, count, y + r0 * d.n + n0, d.n);
 }
 
 // dv[j] += sum over one block's rows of x[r, idx[j]] dy[r, n(j)].
@@ -168,9 +164,15 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const int32_t* ip = idx.typed_data();
   float* yp = y->typed_data();
   const int64_t blocks = (d.rows + kBlock - 1) / kBlock;
-  sparse_robust::parallel_for(pool, blocks, [d] { return std::make_unique<Scratch>(d); },
-                              [=](int64_t block, Scratch& s) {
-                                spmm_block(d, xp, vp, pp, ip, yp, block * kBlock, s);
+  // Fewer blocks than threads: each block's columns are split in parts of at least 16.
+  const int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>(pool.num_threads() / std::max<int64_t>(blocks, 1), d.n / 16));
+  sparse_robust::parallel_for(pool, blocks * splits,
+                              [d] { return std::make_unique<Scratch>(d); },
+                              [=](int64_t item, Scratch& s) {
+                                const int64_t block = item / splits, part = item % splits;
+                                spmm_block(d, xp, vp, pp, ip, yp, block * kBlock,
+                                           d.n * part / splits, d.n * (part + 1) / splits, s);
                               });
   return ffi::Error::Success();
 }

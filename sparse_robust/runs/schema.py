@@ -34,7 +34,7 @@ DEFAULT_RATE_KEY = "default"  # config.prune.rates' name for pruning.DEFAULT_RAT
 # Fields that change how a run is shown, where it finds data or how it is spread over devices,
 # not what it computes (beyond float rounding): they may differ when a workdir is resumed.
 NON_RESULT_FIELDS = ("progress", "data.data_dir", "data.download", "parallel.num_devices",
-                     "parallel.distributed", "parallel.trials_at_once")
+                     "parallel.distributed", "parallel.trials_at_once", "model.sparse_impl")
 # Mappings whose keys the user chooses: the attacks by label, the pruning rates by layer.
 FREE_MAPPINGS = ("attacks", "prune.rates")
 

@@ -103,11 +103,10 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array,
     """({"clean": ..., <label>: ..., "worst_case": ...}, {<staged label>: {stage: accuracy}})
     on the final evaluation's test images, by `evaluator` (default: the context's)."""
     n = ctx.eval.final_examples or None
-    measured = (evaluator or ctx.evaluator).evaluate(params, model_state, ctx.dataset.test_images[:n],
-                                      ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
-                                      progress=ctx.progress.enabled,
-                                      # Robust accuracy only: skip the images wrong clean.
-                                      adversarial_loss=False)
+    measured = (evaluator or ctx.evaluator).evaluate(
+        params, model_state, ctx.dataset.test_images[:n], ctx.dataset.test_labels[:n],
+        ctx.eval.attacks, key, progress=ctx.progress.enabled,
+        adversarial_loss=False)  # Robust accuracy only: skip the images wrong clean.
     out = {"clean": measured["accuracy"]}
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
     if ctx.eval.attacks:
