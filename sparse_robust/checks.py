@@ -4,6 +4,8 @@ allowed, before any compute starts."""
 import numbers
 from typing import Any, Collection
 
+import numpy as np
+
 
 def check_choice(name: str, value: Any, allowed: Collection) -> None:
     """Raises ValueError unless `value` is one of `allowed`."""
@@ -20,3 +22,21 @@ def check_int(name: str, value: Any, minimum: int) -> None:
 def check_positive_int(name: str, value: Any) -> None:
     """Raises ValueError unless `value` is an integer >= 1."""
     check_int(name, value, 1)
+
+
+def check_labels(labels: Any, num_examples: int, name: str = "y") -> None:
+    """Raises ValueError unless ``labels`` are integer class labels of shape [num_examples].
+
+    Reads only the shape and dtype, so it works on traced arrays before any compute. One-hot
+    (or soft) labels [N, classes] are named as such, with the fix.
+    """
+    shape, dtype = tuple(np.shape(labels)), np.dtype(labels.dtype)
+    if len(shape) == 2 and shape[0] == num_examples and shape[1] > 1:
+        raise ValueError(f"{name} has shape {shape}: one-hot labels? {name} must hold integer "
+                         f"class labels of shape ({num_examples},); pass argmax({name}, axis=-1).")
+    if shape != (num_examples,):
+        raise ValueError(f"{name} has shape {shape}; it must hold one integer class label per "
+                         f"example along the batch axis, shape ({num_examples},).")
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} has dtype {dtype}; class labels must be integers (e.g. "
+                         f"{name}.astype(int32)).")

@@ -78,7 +78,7 @@ def project_to_hyperplane_in_box(points, w, b, norm: str, clip_min: float = 0.0,
     return direction * (move if norm == "linf" else move * size)
 
 
-def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None, *,
+def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array], *,
           eps, num_steps: int = 100, norm: str = "linf", n_target_classes: int = 9,
           alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
           clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
@@ -97,7 +97,7 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arr
         eps=eps, num_steps=num_steps, norm=norm, n_target_classes=n_target_classes,
         alpha_max=alpha_max, eta=eta, beta=beta, clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=False)
+    parts.check_inputs(x, y, key, False, clip_min, clip_max)
     parts.check_target_count(logits_fn, x, n_target_classes, 2, "FAB-T")
     eps = parts.as_float(eps, x)
     batch = x.shape[0]

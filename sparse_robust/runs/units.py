@@ -102,7 +102,7 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array) -> tuple[dict,
     measured = ctx.evaluator.evaluate(params, model_state, ctx.dataset.test_images[:n],
                                       ctx.dataset.test_labels[:n], ctx.eval.attacks, key,
                                       progress=ctx.progress.enabled)
-    out = {"clean": measured["accuracy"]}
+    out = {"clean": measured["clean_accuracy"]}
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
     if ctx.eval.attacks:
         out[evaluation.WORST_CASE] = measured[f"{evaluation.WORST_CASE}_accuracy"]
