@@ -32,6 +32,8 @@ EXTRAS_REQUIRE = {
     "tf": ["tensorflow-cpu>=2.16", "importlib_resources>=6"],
     # benchmarks/crosscheck.py and benchmarks/torch_peer.py (PyTorch side by side); no test needs them.
     "crosscheck": ["torch>=2.4", "torchattacks>=3.5"],
+    # scripts/docs.sh: the API reference from the docstrings, offline.
+    "docs": ["pdoc>=14"],
 }
 
 setuptools.setup(
