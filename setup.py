@@ -35,6 +35,8 @@ EXTRAS_REQUIRE = {
     "crosscheck": ["torch>=2.4", "torchattacks>=3.5"],
     # sparse_robust.interop.torch_models (PyTorch twins of exported models) and its tests.
     "interop": ["torch>=2.4"],
+    # scripts/docs.sh: the API reference from the docstrings, offline.
+    "docs": ["pdoc>=14"],
 }
 
 setuptools.setup(

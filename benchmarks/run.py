@@ -129,8 +129,8 @@ def level_overhead(step_seconds: float) -> list[dict]:
     trained = jax.tree_util.tree_map(lambda p: p + 0.01, s["params"])
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        mask = pruning.prune_by("magnitude", trained, s["mask"], {"*": 0.2, "output": 0.1})
-        start = pruning.reset("rewind_init", mask, {"init": s["params"]})
+        mask = pruning.prune_by(None, "magnitude", trained, s["mask"], {"*": 0.2, "output": 0.1})
+        start = pruning.reset("rewind_init", {"init": s["params"]}, mask)
         state = training.create_train_state(start, s["model_state"], s["tx"], mask,
                                             jax.random.PRNGKey(0))
         jax.block_until_ready(state)

@@ -16,7 +16,10 @@ The model convention (one for the whole library):
 - Attacks take ``logits_fn(x) -> logits``, a model in eval mode with fixed weights.
 - The one adapter between them: ``convention.as_logits_fn(model_fn, params, model_state)``.
 
-Argument order, everywhere: PRNG keys first (as in ``jax.random``), then params, then the mask.
+Argument order in masks, pruning and optim: PRNG keys first (as in ``jax.random``), then params,
+then the mask; optional arguments keyword-only. Attacks are called ``attack(logits_fn, x, y, key,
+...)`` with a box ``[clip_min, clip_max]`` (default [0, 1]) their inputs must lie in. Changes
+between versions: CHANGELOG.md.
 """
 
 import importlib

@@ -37,7 +37,8 @@ from sparse_robust.attacks import NORMS, Attack, autoattack_stages, make_attack
 from sparse_robust.attacks import passes
 from sparse_robust.attacks.fmn import fmn_min_norm
 from sparse_robust.attacks.autoattack import run_stages
-from sparse_robust.checks import check_choice
+from sparse_robust.attacks.parts import check_box
+from sparse_robust.checks import check_choice, check_labels
 from sparse_robust.convention import as_logits_fn
 from sparse_robust.objectives import cross_entropy
 from sparse_robust.training import ModelFn
@@ -48,13 +49,17 @@ _RESERVED_NAMES = (CLEAN, WORST_CASE)
 _UNUSED_KEY = np.zeros(2, np.uint32)
 
 
-def _check_data(images, labels) -> tuple[np.ndarray, np.ndarray]:
+def _check_data(images, labels, attacks=()) -> tuple[np.ndarray, np.ndarray]:
+    """images [N, ...] and integer labels [N], inside the box of every `Attack` in ``attacks``."""
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
-    if images.ndim < 2 or labels.shape != images.shape[:1] or images.shape[0] == 0:
-        raise ValueError(f"images [N, ...] and labels [N] must be non-empty and share N; got "
-                         f"images.shape={images.shape}, labels.shape={labels.shape}.")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError(f"images [N, ...] must be a non-empty batch; got images.shape="
+                         f"{images.shape}.")
+    check_labels(labels, images.shape[0], "labels")
+    for attack in attacks:
+        if isinstance(attack, Attack):
+            options = dict(attack.options)
+            check_box(images, options["clip_min"], options["clip_max"], "images")
     return images, labels.astype(np.int32)
 
 
@@ -246,8 +251,8 @@ class Evaluator:
         ``fold_in(fold_in(key', 0), c)``, key' the attack's key); the others are not robust and
         their loss is NaN (``PerExample.attacked == "clean_correct"``). AutoAttack always runs so.
         """
-        images, labels = _check_data(images, labels)
         attacks = attacks or {}
+        images, labels = _check_data(images, labels, attacks.values())
         _check_attacks(attacks)
         if attacks and key is None:
             raise ValueError("key=None is invalid with attacks; pass a jax.random key.")
@@ -284,18 +289,19 @@ class Evaluator:
                  *, progress: bool = False, adversarial_loss: bool = True) -> dict[str, float]:
         """Mean accuracy and loss, clean and under each attack, plus the per-example worst case.
 
-        Returns ``{"accuracy", "loss", "<name>_accuracy", "<name>_loss" for each attack, and with
-        attacks "worst_case_accuracy"}``: an example counts for the worst case only if it is
-        classified correctly clean and under every attack. A staged attack (AutoAttack) has no
-        loss but "<name>/<stage>_accuracy" per stage. With ``adversarial_loss=False`` an attack
-        on true labels runs only on the images correct clean (see `per_example`): no
-        "<name>_loss", and ``"<name>_attacked_clean_correct_only": 1.0`` says so.
+        Returns ``{"clean_accuracy", "clean_loss", "<name>_accuracy", "<name>_loss" for each
+        attack, and with attacks "worst_case_accuracy"}`` (``clean_accuracy`` as in summary.json):
+        an example counts for the worst case only if it is classified correctly clean and under
+        every attack. A staged attack (AutoAttack) has no loss but "<name>/<stage>_accuracy" per
+        stage. With ``adversarial_loss=False`` an attack on true labels runs only on the images
+        correct clean (see `per_example`): no "<name>_loss", and
+        ``"<name>_attacked_clean_correct_only": 1.0`` says so.
         """
         results = self.per_example(params, model_state, images, labels, attacks, key,
                                    progress=progress, adversarial_loss=adversarial_loss)
         out = {}
         for name, outcome in results.items():
-            prefix = "" if name == CLEAN else f"{name}_"
+            prefix = f"{name}_"
             out[f"{prefix}accuracy"] = float(outcome.correct.mean())
             if outcome.stages is None and outcome.attacked == ATTACKED_CLEAN_CORRECT:
                 out[f"{name}_attacked_clean_correct_only"] = 1.0
@@ -362,7 +368,7 @@ class Evaluator:
     def adversarial_examples(self, params, model_state, images, labels, attack: Attack,
                              key: jax.Array) -> np.ndarray:
         """The adversarial images of ``attack`` (keys as in :meth:`per_example` for name "adv")."""
-        images, labels = _check_data(images, labels)
+        images, labels = _check_data(images, labels, [attack])
         params, model_state = self._params(params, model_state)
         attack_key = keys_lib.derive(key, "adv")
         out = [np.asarray(self._adversarial_program(attack)(
@@ -398,10 +404,10 @@ class Evaluator:
         over ε (one compile for the grid).
 
         Every ε uses the same per-batch keys (common random numbers), so the curve is smoother.
-        Step sizes are ``step_size_ratio · ε``; the ratio defaults to the attack's step_size / eps
-        (FGSM without a step size steps ε; APGD adapts its own).
+        Step sizes are ``step_size_ratio · ε``; the ratio defaults to the attack's step_size / eps,
+        the ε-override rule of ``Attack`` (FGSM without a step size steps ε; APGD adapts its own).
         """
-        images, labels = _check_data(images, labels)
+        images, labels = _check_data(images, labels, [attack])
         if not isinstance(attack, Attack):
             raise ValueError(f"attack={attack!r} is invalid; allowed values: an `Attack` from "
                              "`make_attack`.")
@@ -710,8 +716,9 @@ def run_sanity_checks(evaluator: Evaluator, params, model_state, images, labels,
     eps_grid = np.append(np.linspace(0.0, eps, sweep_points), large_eps)
     sweep = evaluator.sweep(params, model_state, images, labels, attacks["pgd"], eps_grid,
                             sweep_key)
-    checks = sanity_checks(clean_accuracy=results["accuracy"], attack_accuracies=accuracies,
-                           eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=len(images),
+    checks = sanity_checks(clean_accuracy=results[f"{CLEAN}_accuracy"],
+                           attack_accuracies=accuracies, eps_grid=eps_grid,
+                           sweep_accuracies=sweep, num_examples=len(images),
                            num_classes=num_classes, tolerance_examples=tolerance_examples,
                            chance_slack=chance_slack, loss_gap_slack=loss_gap_slack)
     # The reference's own warnings: a randomised model, and gradients that vanish.

@@ -58,6 +58,7 @@ def create_mask(params: Params, prunable: PrunablePredicate = default_prunable) 
 
 
 def leaf_names(tree) -> list[str]:
+    """The '/'-joined names of a pytree's leaves (None leaves skipped), in flattening order."""
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -147,8 +148,9 @@ def is_subset(new: Mask, old: Mask) -> bool:
                for k in new_leaves)
 
 
-def summary_table(mask: Mask, params: Params | None = None) -> str:
-    """A text table of alive/total weights per prunable layer, plus the overall fraction."""
+def summary_table(mask: Mask, *, params: Params | None = None) -> str:
+    """A text table of alive/total weights per prunable layer, plus the overall fraction (and,
+    with ``params``, the count of all parameters, prunable or not)."""
     rows = [("layer", "alive", "total", "remaining")]
     for name, m in mask_leaves(mask).items():
         alive, total = int(np.sum(m)), int(np.size(m))
@@ -168,9 +170,9 @@ def mask_to_numpy(mask: Mask) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in mask_leaves(mask).items()}
 
 
-def mask_from_numpy(arrays: Mapping[str, np.ndarray], params: Params,
+def mask_from_numpy(params: Params, arrays: Mapping[str, np.ndarray],
                     prunable: PrunablePredicate = default_prunable) -> Mask:
-    """Inverse of :func:`mask_to_numpy`, given the params the mask belongs to."""
+    """Inverse of :func:`mask_to_numpy`: the mask of ``params`` saved as ``arrays``."""
     template = create_mask(params, prunable)
     names = set(mask_leaves(template))
     if set(arrays) != names:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from sparse_robust.checks import check_labels
 from sparse_robust.convention import as_logits_fn, call_model_fn
 from sparse_robust.losses import cross_entropy, kl_divergence
 
@@ -22,6 +23,7 @@ OBJECTIVES = ("natural", "mixed", "madry", "trades")
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The fraction of rows of ``logits`` [B, classes] whose argmax is the integer label [B]."""
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
@@ -82,6 +84,7 @@ class Objective:
         return jax.lax.stop_gradient(self.attack(logits_fn, x, y, key))
 
     def __call__(self, model_fn, params, model_state, x, y, key) -> tuple[jax.Array, Any]:
+        check_labels(y, x.shape[0], "y")  # shapes only: at trace time, before any compute
         if not self.adversarial:
             logits, new_state = call_model_fn(model_fn, params, model_state, x, True)
             loss = jnp.mean(cross_entropy(logits, y, self.label_smoothing))

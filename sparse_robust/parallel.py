@@ -26,6 +26,7 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a whole copy on every device of ``mesh`` (params, data)."""
     return NamedSharding(mesh, P())
 
 
@@ -35,10 +36,13 @@ def batch_sharded(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
 
 
 def num_shards(mesh: Optional[Mesh]) -> int:
+    """How many parts a batch is split into over ``mesh`` (1 without a mesh)."""
     return 1 if mesh is None else mesh.shape[DATA_AXIS]
 
 
 def check_divisible(batch_size: int, mesh: Optional[Mesh], what: str = "batch size") -> None:
+    """Raises ValueError (naming ``what`` and a fix) unless ``batch_size`` splits evenly over
+    the devices of ``mesh``."""
     n = num_shards(mesh)
     if batch_size % n:
         raise ValueError(f"The {what} {batch_size} does not divide across {n} devices; choose a "

@@ -292,8 +292,9 @@ def compiled(name, norm="linf", loss="ce", restarts=1, targeted=False):
 def _compiled(name, norm, loss, restarts, targeted):
     fn = ATTACK_FNS[name]
     if name == "fgsm":
-        attack = lambda x, y, key, eps, step: fn(MODEL.jax_logits, x, y, eps=eps, step_size=step,
-                                                 norm=norm, loss=loss, targeted=targeted)
+        attack = lambda x, y, key, eps, step: fn(MODEL.jax_logits, x, y, None, eps=eps,
+                                                 step_size=step, norm=norm, loss=loss,
+                                                 targeted=targeted)
     elif name == "pgd":
         attack = lambda x, y, key, eps, step: fn(MODEL.jax_logits, x, y, key, eps=eps, step_size=step,
                                                  num_steps=PGD_STEPS, norm=norm, loss=loss,
@@ -365,7 +366,7 @@ def test_output_in_eps_ball_and_box(name, norm, shape):
 
 def test_output_is_under_stop_gradient():
     def total(x):
-        return jnp.sum(attacks.fgsm(MODEL.jax_logits, x, Y, eps=0.1))
+        return jnp.sum(attacks.fgsm(MODEL.jax_logits, x, Y, None, eps=0.1))
 
     assert np.all(np.asarray(jax.grad(total)(jnp.asarray(X))) == 0)
 
@@ -579,8 +580,8 @@ BAD_CALLS = [
     (lambda f, x, y, k: attacks.pgd(f, x, y, k, eps=0.1, step_size=0.1, num_steps=1, loss="kl",
                                     targeted=True), "targeted=True"),
     (lambda f, x, y, k: attacks.pgd(f, x, y[:1], k, eps=0.1, step_size=0.1, num_steps=1), "batch axis"),
-    (lambda f, x, y, k: attacks.fgsm(f, x, y, eps=float("nan")), "eps=nan"),
-    (lambda f, x, y, k: attacks.fgsm(f, x, y, eps=0.1, clip_min=1.0, clip_max=0.0), "clip_min"),
+    (lambda f, x, y, k: attacks.fgsm(f, x, y, None, eps=float("nan")), "eps=nan"),
+    (lambda f, x, y, k: attacks.fgsm(f, x, y, None, eps=0.1, clip_min=1.0, clip_max=0.0), "clip_min"),
     (lambda f, x, y, k: attacks.apgd(f, x, y, k, eps=0.1, num_steps=2, loss="margin"), "loss='margin'"),
     (lambda f, x, y, k: attacks.apgd(f, x, y, k, eps=0.1, num_steps=2, rho=1.5), "rho=1.5"),
     (lambda f, x, y, k: attacks.apgd(f, x, y, k, eps=0.1, num_steps=2.5), "num_steps=2.5"),
@@ -598,7 +599,7 @@ BAD_CALLS = [
     (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, eta=0.5), "eta=0.5"),
     (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, beta=0.0), "beta=0.0"),
     (lambda f, x, y, k: attacks.make_attack("fab_t", eps=0.1, alpha_max=2), "alpha_max=2"),
-    (lambda f, x, y, k: attacks.fab_t(f, x, y, eps=0.1, norm="l1"), "norm='l1'"),
+    (lambda f, x, y, k: attacks.fab_t(f, x, y, None, eps=0.1, norm="l1"), "norm='l1'"),
     (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, num_queries=0), "num_queries=0"),
     (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, p_init=1.5), "p_init=1.5"),
     (lambda f, x, y, k: attacks.make_attack("square", eps=0.1, image_shape=(4, 4)), "image_shape=(4, 4)"),
@@ -627,7 +628,8 @@ def test_target_counts_are_checked_against_the_model():
         attacks.apgd_t(random_logits_fn(0, 4, num_classes=3), x, y, jax.random.key(0), eps=0.1,
                        n_target_classes=2)
     with pytest.raises(ValueError, match=re.escape("allowed values: 1 to 2")):
-        attacks.fab_t(random_logits_fn(0, 4, num_classes=3), x, y, eps=0.1, n_target_classes=3)
+        attacks.fab_t(random_logits_fn(0, 4, num_classes=3), x, y, None, eps=0.1,
+                      n_target_classes=3)
 
 
 def test_dlr_needs_three_classes():

@@ -46,19 +46,19 @@ def test_accuracies_match_direct_computation_and_worst_case_is_per_example(train
     model_fn, variables, images, labels = trained
     results = evaluator(trained, 100).evaluate(variables, {}, images, labels, DETERMINISTIC,
                                                fast_key(0))
-    assert set(results) == {"accuracy", "loss", "fgsm_accuracy", "fgsm_loss", "pgd_accuracy",
-                            "pgd_loss", "worst_case_accuracy"}
+    assert set(results) == {"clean_accuracy", "clean_loss", "fgsm_accuracy", "fgsm_loss",
+                            "pgd_accuracy", "pgd_loss", "worst_case_accuracy"}
     logits_fn = lambda z: model_fn(variables, {}, z, False)[0]
     clean = correct_under(trained, images)
-    fgsm = correct_under(trained, attacks.fgsm(logits_fn, images, labels, eps=EPS))
+    fgsm = correct_under(trained, attacks.fgsm(logits_fn, images, labels, None, eps=EPS))
     pgd = correct_under(trained, attacks.pgd(logits_fn, images, labels, None, eps=EPS,
                                              step_size=EPS / 4, num_steps=8, random_start=False))
-    assert results["accuracy"] == pytest.approx(clean.mean())
+    assert results["clean_accuracy"] == pytest.approx(clean.mean())
     assert results["fgsm_accuracy"] == pytest.approx(fgsm.mean())
     assert results["pgd_accuracy"] == pytest.approx(pgd.mean())
     assert results["worst_case_accuracy"] == pytest.approx((clean & fgsm & pgd).mean())
-    assert results["pgd_accuracy"] < results["accuracy"] - 0.1  # The attacks do something.
-    assert results["pgd_loss"] > results["loss"]
+    assert results["pgd_accuracy"] < results["clean_accuracy"] - 0.1  # The attacks do something.
+    assert results["pgd_loss"] > results["clean_loss"]
 
 
 def test_partial_last_batch_is_padded_masked_and_compiled_once(trained):
@@ -101,7 +101,7 @@ def test_adversarial_examples_are_the_attacks(trained):
     x_adv = evaluator(trained, 128).adversarial_examples(variables, {}, images, labels,
                                                          DETERMINISTIC["fgsm"], fast_key(0))
     logits_fn = lambda z: model_fn(variables, {}, z, False)[0]
-    np.testing.assert_allclose(x_adv, attacks.fgsm(logits_fn, images, labels, eps=EPS), atol=1e-6)
+    np.testing.assert_allclose(x_adv, attacks.fgsm(logits_fn, images, labels, None, eps=EPS), atol=1e-6)
 
 
 def test_progress_bar_only_when_asked(trained, capsys):
@@ -184,7 +184,7 @@ def test_sanity_checks_flag_an_identity_attack_posing_as_pgd(trained, caplog):
                                             fast_key(0))
     with caplog.at_level(logging.INFO):
         checks = evaluation.sanity_checks(
-            clean_accuracy=real["accuracy"],
+            clean_accuracy=real["clean_accuracy"],
             attack_accuracies={"fgsm": real["fgsm_accuracy"], "pgd": sweep[2],
                                "apgd": real["pgd_accuracy"]},
             eps_grid=eps_grid, sweep_accuracies=sweep, num_examples=NUM_TEST, num_classes=4)

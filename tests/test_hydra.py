@@ -197,7 +197,7 @@ def _finetune_and_measure(setup, mask, seed=7):
     results = evaluation.Evaluator(model_fn_, batch_size=1000).evaluate(
         tuned.params, tuned.model_state, ds.test_images[:2000], ds.test_labels[:2000],
         {"fgsm": fgsm}, jax.random.PRNGKey(9))
-    return results["accuracy"], results["fgsm_accuracy"]
+    return results["clean_accuracy"], results["fgsm_accuracy"]
 
 
 def test_hydra_at_99_percent_beats_a_random_mask_of_the_same_layer_sizes(

@@ -64,7 +64,7 @@ def test_dense_300_100_schedule_follows_closed_form():
     rates = {"*": 0.2, "output": 0.1}
     remaining = [1.0]
     for _ in range(18):
-        mask = pruning.prune_by("magnitude", params, mask, rates)
+        mask = pruning.prune_by(None, "magnitude", params, mask, rates)
         remaining.append(masks.weights_remaining(mask))
     sizes = {"hidden": 784 * 300 + 300 * 100, "output": 100 * 10}
     closed = [(sizes["hidden"] * 0.8 ** k + sizes["output"] * 0.9 ** k) / sum(sizes.values())

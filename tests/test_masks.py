@@ -116,7 +116,7 @@ def test_numpy_round_trip_through_npz(mlp_params, tmp_path):
     mask = random_mask(mlp_params, seed=5)
     np.savez(tmp_path / "mask.npz", **masks.mask_to_numpy(mask))
     with np.load(tmp_path / "mask.npz") as saved:
-        restored = masks.mask_from_numpy(dict(saved), mlp_params)
+        restored = masks.mask_from_numpy(mlp_params, dict(saved))
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(mask)
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(mask)):
         assert a.dtype == jnp.bool_
@@ -124,13 +124,13 @@ def test_numpy_round_trip_through_npz(mlp_params, tmp_path):
     arrays = masks.mask_to_numpy(mask)
     del arrays["output/kernel"]
     with pytest.raises(ValueError, match="output/kernel"):
-        masks.mask_from_numpy(arrays, mlp_params)
+        masks.mask_from_numpy(mlp_params, arrays)
 
 
 def test_summary_table_mentions_every_layer(conv_variables):
     params = conv_variables["params"]
     mask = random_mask(params, seed=6)
-    table = masks.summary_table(mask, params)
+    table = masks.summary_table(mask, params=params)
     for name, m in masks.mask_leaves(mask).items():
         line = next(row for row in table.splitlines() if row.startswith(name.rsplit("/", 1)[0]))
         assert f"{int(np.sum(m))}" in line.split() and f"{np.size(m)}" in line.split()

@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent("""
         out[name] = {"params": {k: np.asarray(v).tolist() for k, v in
                              masks.mask_leaves(state.params).items()},
                   "num_devices": len(state.params["output"]["kernel"].sharding.device_set),
-                  "state_replicated": replicated, "accuracy": clean["accuracy"]}
+                  "state_replicated": replicated, "accuracy": clean["clean_accuracy"]}
         if name == "1":
             reference = jax.device_get((state.params, state.model_state))
     # The same weights evaluated clean and under PGD on 1 and on 8 devices: each batch of 40 is
@@ -113,11 +113,11 @@ def test_eight_devices_train_like_one(eight_device_run):
 
 def test_eight_devices_evaluate_identically_split_across_them(eight_device_run):
     one, eight = eight_device_run["eval_1"], eight_device_run["eval_8"]
-    assert set(one) == {"loss", "accuracy", "pgd_loss", "pgd_accuracy", "worst_case_accuracy"}
-    assert eight["accuracy"] == one["accuracy"] and eight["pgd_accuracy"] == one["pgd_accuracy"]
+    assert set(one) == {"clean_loss", "clean_accuracy", "pgd_loss", "pgd_accuracy", "worst_case_accuracy"}
+    assert eight["clean_accuracy"] == one["clean_accuracy"] and eight["pgd_accuracy"] == one["pgd_accuracy"]
     assert eight["worst_case_accuracy"] == one["worst_case_accuracy"]
     assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
-    assert one["pgd_accuracy"] < one["accuracy"]  # the attack did something
+    assert one["pgd_accuracy"] < one["clean_accuracy"]  # the attack did something
     # The batch is split: 8 devices hold 5 of the 40 rows each; one device holds all 40.
     layout = eight_device_run["eval_8_layout"]
     assert layout == {"x_spec": ["data"], "x_devices": 8, "x_shard_rows": [5] * 8}

@@ -332,7 +332,7 @@ def test_reset_takes_the_strategys_source_under_the_mask(strategy, source):
     mask = pruning.magnitude_prune(params, masks.create_mask(params), 0.5)
     sources = {name: random_params(seed) for seed, name in
                enumerate(sorted(set(pruning.RESET_SOURCES.values())), start=20)}
-    start = pruning.reset(strategy, mask, sources)
+    start = pruning.reset(strategy, sources, mask)
     for layer in SHAPES:
         alive = kernels(mask)[layer]
         np.testing.assert_array_equal(kernels(start)[layer][alive],
@@ -344,13 +344,13 @@ def test_reset_and_prune_by_reject_bad_arguments():
     params = random_params(5)
     mask = masks.create_mask(params)
     with pytest.raises(ValueError, match="strategy='rewind' is invalid"):
-        pruning.reset("rewind", mask, {"init": params})
+        pruning.reset("rewind", {"init": params}, mask)
     with pytest.raises(ValueError, match="needs the 'rewind' params"):
-        pruning.reset("rewind_step", mask, {"init": params})
+        pruning.reset("rewind_step", {"init": params}, mask)
     with pytest.raises(ValueError, match="needs a PRNG key"):
-        pruning.prune_by("random", params, mask, 0.5)
+        pruning.prune_by(None, "random", params, mask, 0.5)
     with pytest.raises(ValueError, match="criterion='taylor' is invalid"):
-        pruning.prune_by("taylor", params, mask, 0.5)
-    by_magnitude = pruning.prune_by("magnitude", params, mask, 0.5)
+        pruning.prune_by(None, "taylor", params, mask, 0.5)
+    by_magnitude = pruning.prune_by(None, "magnitude", params, mask, 0.5)
     assert masks.mask_leaves(by_magnitude).keys() == masks.mask_leaves(mask).keys()
     assert masks.weights_remaining(by_magnitude) == pytest.approx(0.5, abs=0.01)

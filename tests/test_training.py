@@ -145,8 +145,8 @@ def test_loss_decreases_on_a_learnable_problem(setup):
     for chunk in range(60):  # same index shape as the other tests: no new compilation
         state, _ = setup["loop"](state, images, labels, batch_indices(10 + chunk, STEPS, BATCH))
     after = evaluate(state.params)
-    assert after["loss"] < 0.5 * before["loss"]
-    assert after["accuracy"] > 0.75 and after["adv_loss"] < before["adv_loss"]
+    assert after["clean_loss"] < 0.5 * before["clean_loss"]
+    assert after["clean_accuracy"] > 0.75 and after["adv_loss"] < before["adv_loss"]
 
 
 def test_evaluate_matches_numpy_for_any_batch_size(setup):
@@ -156,11 +156,11 @@ def test_evaluate_matches_numpy_for_any_batch_size(setup):
     fgsm = setup["eval_attacks"]["adv"]
     x_adv = fgsm(lambda z: setup["model_fn"](params, {}, z, False)[0], images, labels, None)
     clean_logits, adv_logits = numpy_mlp(params, images), numpy_mlp(params, x_adv)
-    expected = numpy_metrics(clean_logits, labels)
+    expected = {f"clean_{k}": v for k, v in numpy_metrics(clean_logits, labels).items()}
     expected.update({f"adv_{k}": v for k, v in numpy_metrics(adv_logits, labels).items()})
     expected["worst_case_accuracy"] = np.mean((clean_logits.argmax(-1) == labels)
                                               & (adv_logits.argmax(-1) == labels))
-    assert expected["adv_loss"] > expected["loss"]
+    assert expected["adv_loss"] > expected["clean_loss"]
     for batch_size in (7, 1000):  # 7 leaves a padded last batch; 1000 > the dataset
         got = setup["evaluator"](batch_size).evaluate(params, {}, images, labels,
                                                       setup["eval_attacks"], jax.random.PRNGKey(0))
@@ -204,7 +204,8 @@ def test_batch_norm_state_trains_and_is_read_only_in_evaluation(tiny_conv_bn, nu
     stats = state.model_state["batch_stats"]
     shifted = {"batch_stats": {**stats, "input_norm": {**stats["input_norm"],
                                                        "mean": stats["input_norm"]["mean"] + 0.5}}}
-    assert evaluate(shifted, 20)["loss"] != pytest.approx(evaluate(state.model_state, 20)["loss"])
+    assert evaluate(shifted, 20)["clean_loss"] != pytest.approx(
+        evaluate(state.model_state, 20)["clean_loss"])
 
 
 def test_loop_does_not_retrace_for_a_new_mask(setup):

@@ -9,8 +9,10 @@
 - `registry`: `make_attack` and the hashable `Attack` it returns.
 
 An attack is a pure function ``(logits_fn, x, y, key, **settings) -> x_adv`` where
-``logits_fn(x) -> logits`` closes over a model in eval mode, ``x`` is a batch [B, ...] lying in
-[clip_min, clip_max] (default [0, 1]) and ``y`` holds int labels [B]. ``eps`` and ``step_size`` may
+``logits_fn(x) -> logits`` closes over a model in eval mode (``convention.as_logits_fn`` makes
+one from a ``model_fn``), ``x`` is a batch [B, ...] lying in the box [clip_min, clip_max] (a
+setting, default [0, 1]; an input outside it is an error, not projected) and ``y`` holds integer
+labels [B]. ``key`` is positional in every attack (None only where the attack draws nothing). ``eps`` and ``step_size`` may
 be traced values (so ``jax.vmap`` over an ε grid compiles once); every other setting is a static
 Python value, validated before anything is traced. The result always lies in the ε-ball around
 ``x`` (L∞ or L2) and in [clip_min, clip_max], and is returned under ``lax.stop_gradient``.

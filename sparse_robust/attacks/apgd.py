@@ -129,7 +129,7 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, eps
     parts.check_settings("apgd", dict(eps=eps, num_steps=num_steps, norm=norm, loss=loss,
                                       restarts=restarts, rho=rho, clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=True)
+    parts.check_inputs(x, y, key, True, clip_min, clip_max)
     objective = parts.make_objective(logits_fn, x, y, loss, targeted=False)
     eps = parts.as_float(eps, x)
 
@@ -163,7 +163,7 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
                                         n_target_classes=n_target_classes, restarts=restarts,
                                         rho=rho, clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=True)
+    parts.check_inputs(x, y, key, True, clip_min, clip_max)
     parts.check_target_count(logits_fn, x, n_target_classes, 4, "APGD-T (targeted DLR loss)")
     eps = parts.as_float(eps, x)
     targets = parts.ranked_targets(logits_fn, x, n_target_classes)

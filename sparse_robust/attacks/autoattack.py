@@ -28,6 +28,7 @@ from sparse_robust.attacks.fab import fab_t
 from sparse_robust.attacks.parts import LogitsFn
 from sparse_robust.attacks.square import square
 from sparse_robust.checks import check_positive_int
+from sparse_robust.convention import check_logits_fn
 
 if TYPE_CHECKING:  # The registry imports this module, so Attack is imported for types only.
     from sparse_robust.attacks.registry import Attack
@@ -89,7 +90,8 @@ def autoattack_with_flags(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: 
                     clip_max=clip_max)
     parts.check_settings("autoattack", settings)
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=True)
+    parts.check_inputs(x, y, key, True, clip_min, clip_max)
+    check_logits_fn(logits_fn, x)
 
     def correct(z):
         return jnp.argmax(logits_fn(z), axis=-1) == y

@@ -122,7 +122,7 @@ def _target_run(logits_fn: LogitsFn, x, y, target, eps, *, num_steps: int, norm:
     return best, best_norm <= eps, -best_norm
 
 
-def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None, *,
+def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array], *,
           eps, num_steps: int = 100, norm: str = "linf", n_target_classes: int = 9,
           alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
           clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
@@ -141,7 +141,7 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Arr
         eps=eps, num_steps=num_steps, norm=norm, n_target_classes=n_target_classes,
         alpha_max=alpha_max, eta=eta, beta=beta, clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=False)
+    parts.check_inputs(x, y, key, False, clip_min, clip_max)
     parts.check_target_count(logits_fn, x, n_target_classes, 2, "FAB-T")
     eps = parts.as_float(eps, x)
     clean = x.reshape(x.shape[0], -1)

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparse_robust.checks import check_choice, check_int
+from sparse_robust.checks import check_choice, check_int, check_labels
+from sparse_robust.convention import LogitsFn, check_logits_fn
 from sparse_robust.losses import cross_entropy, dlr_loss, kl_divergence, margin_parts
-
-LogitsFn = Callable[[jax.Array], jax.Array]
 
 NORMS = ("linf", "l2")
 PGD_LOSSES = ("ce", "margin", "kl")
@@ -124,20 +123,38 @@ def check_settings(attack: str, settings: Mapping[str, Any]) -> None:
                          "(every restart would be identical); allowed values: restarts=1.")
 
 
-def check_inputs(x, y, key, needs_key: bool) -> None:
+def check_inputs(x, y, key, needs_key: bool, clip_min: float, clip_max: float) -> None:
+    """Checks an attack's call before any compute: x a float batch inside the box [clip_min,
+    clip_max] (values checked where x is concrete; a traced x is checked by whoever holds the
+    data, e.g. the Evaluator), y integer labels [B] and a key where one is needed. The logits
+    function is checked with the class count (`num_classes_at_least`)."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a floating-point batch in [clip_min, clip_max], got dtype {x.dtype}.")
-    if x.ndim < 1 or y.shape != x.shape[:1]:
-        raise ValueError(f"x and y must share the batch axis: got x.shape={x.shape}, y.shape={y.shape}.")
-    if not jnp.issubdtype(y.dtype, jnp.integer):
-        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}.")
+    if x.ndim < 1:
+        raise ValueError(f"x must be a batch [B, ...], got x.shape={x.shape}.")
+    check_labels(y, x.shape[0], "y")
     if needs_key and key is None:
         raise ValueError("key=None is invalid here: the random start needs a jax.random key.")
+    check_box(x, clip_min, clip_max)
+
+
+def check_box(x, clip_min: float, clip_max: float, name: str = "x") -> None:
+    """Raises ValueError when a concrete ``x`` has values outside [clip_min, clip_max]: an attack
+    would otherwise project them into the box, far outside the ε-ball. Traced values pass."""
+    if isinstance(x, jax.core.Tracer) or x.size == 0:
+        return
+    values = np.asarray(x)  # numpy: inside a trace (a scan over a constant x) jnp would trace
+    low, high = float(values.min()), float(values.max())
+    if low < clip_min or high > clip_max:
+        raise ValueError(f"{name} lies in [{low:.4g}, {high:.4g}], outside the attack's box "
+                         f"[clip_min, clip_max] = [{clip_min:g}, {clip_max:g}]; give the attack "
+                         "the box your inputs live in (clip_min=, clip_max=) or rescale them.")
 
 
 def num_classes_at_least(logits_fn: LogitsFn, x, minimum: int, reason: str) -> int:
-    """The model's number of classes (from shapes only); raises unless it is >= minimum."""
-    num_classes = jax.eval_shape(logits_fn, x).shape[-1]
+    """The model's number of classes (from shapes only); raises unless it is >= minimum, or
+    unless ``logits_fn`` follows the convention (`convention.check_logits_fn`)."""
+    num_classes = check_logits_fn(logits_fn, x)
     if num_classes < minimum:
         raise ValueError(f"{reason} needs at least {minimum} classes, the model has {num_classes}.")
     return num_classes
@@ -213,6 +230,7 @@ def expand(per_example, x):
 
 
 def l2_norm(v):
+    """Per-example L2 norm of a batch [B, ...], shaped [B, 1, ..., 1] to broadcast against it."""
     return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
 
 
@@ -314,4 +332,5 @@ def worst_over_restarts(run, key, x, restarts: int):
 
 
 def as_float(value, x):
+    """``value`` (a number or a traced scalar such as ε) as an array of ``x``'s float dtype."""
     return jnp.asarray(value, dtype=x.dtype)

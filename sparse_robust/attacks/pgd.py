@@ -30,7 +30,7 @@ def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array
                                 random_start=random_start, restarts=restarts, loss=loss,
                                 targeted=targeted, clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=random_start)
+    parts.check_inputs(x, y, key, random_start, clip_min, clip_max)
     objective = parts.make_objective(logits_fn, x, y, loss, targeted)
     eps, step_size = parts.as_float(eps, x), parts.as_float(step_size, x)
 
@@ -48,7 +48,7 @@ def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array
     return lax.stop_gradient(parts.worst_over_restarts(run, key, x, restarts)[0])
 
 
-def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None, *,
+def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array], *,
          eps, step_size=None, random_start: bool = False, loss: str = "ce", targeted: bool = False,
          norm: str = "linf", clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:
     """Fast gradient sign method: one step of `step_size` (default eps), projected on the ε-ball.

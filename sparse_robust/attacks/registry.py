@@ -24,6 +24,10 @@ from sparse_robust.checks import check_choice
 
 ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd_t", "fab_t", "square", "fmn", "autoattack")
 
+# Names the configs' labels and AutoAttack's stages use: an attack with one setting fixed.
+ALIASES = types.MappingProxyType({"apgd_ce": ("apgd", {"loss": "ce"}),
+                                  "apgd_dlr": ("apgd", {"loss": "dlr"})})
+
 
 def predicted_labels(logits_fn: LogitsFn, x: jax.Array) -> jax.Array:
     """The model's own predictions (argmax of the logits), under stop-gradient."""
@@ -47,8 +51,15 @@ def _keyword_defaults(fn) -> dict[str, Any]:
 class Attack:
     """An attack with validated settings; hashable, so it can be a static argument of `jax.jit`.
 
-    Call as ``attack(logits_fn, x, y, key, *, eps=None, step_size=None)``; `eps` and `step_size`
-    (traced values allowed) override the stored defaults, e.g. for ε sweeps. With
+    Call as ``attack(logits_fn, x, y, key, *, eps=None, step_size=None)`` (the convention of
+    every attack: ``logits_fn(x) -> logits``, a batch x inside the box, integer labels y, and a
+    key, positional, None only for an attack that draws nothing).
+
+    The ε-override rule (the one rule; ``evaluation.Evaluator.sweep`` follows it too): ``eps``
+    (traced values allowed, e.g. under ``jax.vmap``) replaces the stored ε and scales the step
+    size with it, ``step_size · eps / self.eps``, so the attack keeps its shape; an explicit
+    ``step_size`` wins. An attack stored with ε = 0 has no ratio: give ``step_size`` with ``eps``.
+    APGD, FAB, Square and AutoAttack adapt their own steps and take no ``step_size``. With
     ``label_source="predicted"`` the attack targets the model's own predictions and ignores `y`.
     """
 
@@ -62,12 +73,22 @@ class Attack:
     def uses_step_size(self) -> bool:
         return self.name in ("fgsm", "pgd")
 
+    def step_size_at(self, eps):
+        """The step size at an overriding ``eps`` (None: the stored ε), by the ε-override rule:
+        the stored step scaled by eps / self.eps (FGSM without a step size steps ε itself)."""
+        if eps is None or self.step_size is None:
+            return self.step_size
+        if self.eps == 0:
+            raise ValueError(f"eps={eps!r} needs step_size= for attack {self.name!r} stored with "
+                             "eps=0 (the step scales with ε, and there is no ratio to scale).")
+        return self.step_size * (eps / self.eps)
+
     def __call__(self, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key, *,
                  eps=None, step_size=None) -> jax.Array:
         kwargs = dict(self.options)
         kwargs["eps"] = self.eps if eps is None else eps
         if self.uses_step_size:
-            kwargs["step_size"] = self.step_size if step_size is None else step_size
+            kwargs["step_size"] = self.step_size_at(eps) if step_size is None else step_size
         elif step_size is not None:
             raise ValueError(f"step_size={step_size!r} is invalid for attack {self.name!r}, which "
                              "adapts its own step size; allowed values: None.")
@@ -77,14 +98,22 @@ class Attack:
 
 
 def make_attack(name: str, **settings) -> Attack:
-    """Builds an `Attack` from a name (`ATTACK_NAMES`) and its keyword settings.
+    """Builds an `Attack` from a name (`ATTACK_NAMES`, or an alias of `ALIASES`: ``apgd_ce``,
+    ``apgd_dlr``) and its keyword settings.
 
     Accepts the keyword settings of the attack function plus ``label_source`` ("true" or
     "predicted"), e.g. ``make_attack(**config.attack.to_dict())`` with
     ``{"name": "pgd", "eps": 0.3, "step_size": 0.05, "num_steps": 10, "label_source": "predicted"}``.
     Raises ValueError naming the field, the bad value and the allowed values.
     """
-    check_choice("name", name, ATTACK_NAMES)
+    check_choice("name", name, ATTACK_NAMES + tuple(ALIASES))
+    if name in ALIASES:
+        alias, (name, fixed) = name, ALIASES[name]
+        for field, value in fixed.items():
+            if settings.get(field, value) != value:
+                raise ValueError(f"{field}={settings[field]!r} is invalid for {alias!r}, which "
+                                 f"fixes {field}={value!r}; use name={name!r} to choose it.")
+        settings = {**settings, **fixed}
     defaults = _keyword_defaults(_ATTACK_FNS[name])
     defaults["label_source"] = "true"
     unknown = sorted(set(settings) - set(defaults))

@@ -145,7 +145,7 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
                                         rescale_schedule=rescale_schedule, image_shape=image_shape,
                                         clip_min=clip_min, clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, key, needs_key=True)
+    parts.check_inputs(x, y, key, True, clip_min, clip_max)
     height, width, channels = _image_shape(x.shape, image_shape)
     if norm == "l2" and min(height, width) < _MIN_L2_SIDE:
         raise ValueError(f"image_shape={(height, width, channels)} is invalid for the L2 Square "

@@ -41,10 +41,20 @@ def random_scores(key: jax.Array, params):
 
 
 def check_rate(rate, where: str = "") -> float:
-    """The rate as a float; ValueError unless it is a number in [0, 1)."""
-    if not isinstance(rate, (int, float, np.floating)) or not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"Pruning rate {where} is {rate!r}; a rate is the fraction of the remaining "
-                         "weights to remove, a number in [0, 1).")
+    """The rate as a float; ValueError unless it is a static Python number in [0, 1).
+
+    A rate decides how many weights are removed, so it fixes shapes inside the selection: it
+    cannot be a traced value (pass it as a Python number, e.g. a static argument of ``jax.jit``).
+    """
+    label = f"Pruning rate {where}".rstrip()
+    if isinstance(rate, jax.core.Tracer):
+        raise ValueError(f"{label} is a traced value ({rate.aval.str_short()}); a rate must be a "
+                         "static Python number in [0, 1): pass it outside jax.jit/vmap or as a "
+                         "static argument (static_argnums).")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"{label} is {rate!r}; a rate is the fraction of the remaining weights to "
+                         "remove, a static Python number in [0, 1).")
     return float(rate)
 
 
@@ -171,14 +181,21 @@ def weights_remaining_schedule(leaf_sizes: Mapping[str, int], rates: Rates,
     return out
 
 
-def prune_by(criterion: str, params, mask, rates: Rates, *, scope: str = "layerwise",
-             key: Optional[jax.Array] = None, granularity: str = "weight"):
-    """One pruning round by a named criterion: "magnitude" (of ``params``) or "random" (``key``)."""
+def prune_by(key: Optional[jax.Array], criterion: str, params, mask, rates: Rates, *,
+             scope: str = "layerwise", granularity: str = "weight"):
+    """One pruning round by a named criterion: "magnitude" (of ``params``) or "random".
+
+    Args:
+      key: a PRNG key, first as in ``jax.random``; None is allowed where nothing is drawn
+        ("magnitude").
+      criterion: one of ``CRITERIA``.
+      params, mask, rates, scope, granularity: as in :func:`prune` (params before mask).
+    """
     if criterion == "magnitude":
         return magnitude_prune(params, mask, rates, scope=scope, granularity=granularity)
     if criterion == "random":
         if key is None:
-            raise ValueError("criterion='random' needs a PRNG key; pass key=.")
+            raise ValueError("criterion='random' needs a PRNG key; pass one as the first argument.")
         return random_prune(key, mask, rates, scope=scope, granularity=granularity)
     raise ValueError(f"criterion={criterion!r} is invalid; allowed values: {CRITERIA}.")
 
@@ -195,7 +212,7 @@ RESET_SOURCES = {"rewind_init": "init", "rewind_step": "rewind", "random_reinit"
 RESET_STRATEGIES = tuple(RESET_SOURCES)
 
 
-def reset(strategy: str, mask, sources: Mapping[str, Any]):
+def reset(strategy: str, sources: Mapping[str, Any], mask):
     """The next round's starting params: ``sources[RESET_SOURCES[strategy]]`` under ``mask``.
 
     ``sources`` maps source names ("init", "rewind", "fresh", "previous", "dense_trained") to param

@@ -60,6 +60,9 @@ class FitOutcome:
     train_seconds: float
 
 
+_CURVE_NAMES = {"clean_accuracy": "accuracy", "clean_loss": "loss"}
+
+
 def boundaries(ctx: Context, snapshot_steps=()) -> list[int]:
     """Steps at which a chunk ends: every eval_every, the snapshot steps, and the last step."""
     schedule = ctx.schedule
@@ -128,7 +131,8 @@ class _Unit:
             measured = ctx.evaluator.evaluate(state.params, state.model_state, images, labels,
                                               attacks, jax.random.fold_in(self.job.eval_key, end))
             measured.pop("worst_case_accuracy", None)
-            record[split] = measured
+            # Learning-curve records name the clean numbers as the train metrics do.
+            record[split] = {_CURVE_NAMES.get(k, k): v for k, v in measured.items()}
         self.history.append(record)
         value = ctx.early_stop_value(record["val"])
         if value < self.best_value:

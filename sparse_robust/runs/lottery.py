@@ -92,9 +92,9 @@ def _level_unit(ctx, layout, trial, level, init, previous, dense, rates, reset, 
         mask = masks_lib.create_mask(params) if mask is None else mask
         start = (params, model_state)
     else:
-        mask = pruning.prune_by(criterion, previous.params, previous.mask,
-                                rates[level - 1], scope=scope, granularity=granularity,
-                                key=keys_lib.derive(trial_key, "prune", level))
+        mask = pruning.prune_by(keys_lib.derive(trial_key, "prune", level), criterion,
+                                previous.params, previous.mask, rates[level - 1], scope=scope,
+                                granularity=granularity)
         sources = {"init": params, "previous": previous.params, "dense_trained": dense.params}
         if reset == "random_reinit":
             sources["fresh"] = ctx.init(keys_lib.derive(trial_key, "reinit", level))[0]
@@ -102,7 +102,7 @@ def _level_unit(ctx, layout, trial, level, init, previous, dense, rates, reset, 
             sources["rewind"] = store.load_tree(layout.trial(trial).rewind_params, params)
         if reset in ("continue", "dense_trained"):  # batch statistics come with the weights
             model_state = (previous if reset == "continue" else dense).model_state
-        start = (pruning.reset(reset, mask, sources), model_state)
+        start = (pruning.reset(reset, sources, mask), model_state)
     return units_lib.Unit(
         trial=trial, level=level, branch=None, files=layout.unit(trial, level), start=start,
         mask=mask, keys=units_lib.UnitKeys.of(ctx, trial, level), ctx=ctx,

@@ -157,7 +157,7 @@ def load_mask(path: str, params) -> Any:
     """The mask saved at ``path`` for these params (structure checked)."""
     arrays = read_mask_arrays(path)
     try:
-        return masks_lib.mask_from_numpy(arrays, params)
+        return masks_lib.mask_from_numpy(params, arrays)
     except ValueError as err:
         raise CorruptFileError(f"{path} is not a readable mask for this model ({err}); move it "
                                "away to recompute it.") from None

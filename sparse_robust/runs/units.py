@@ -107,7 +107,7 @@ def accuracies(ctx: Context, params, model_state, key: jax.Array,
         params, model_state, ctx.dataset.test_images[:n], ctx.dataset.test_labels[:n],
         ctx.eval.attacks, key, progress=ctx.progress.enabled,
         adversarial_loss=False)  # Robust accuracy only: skip the images wrong clean.
-    out = {"clean": measured["accuracy"]}
+    out = {"clean": measured["clean_accuracy"]}
     out.update({label: measured[f"{label}_accuracy"] for label in ctx.eval.attacks})
     if ctx.eval.attacks:
         out[evaluation.WORST_CASE] = measured[f"{evaluation.WORST_CASE}_accuracy"]
