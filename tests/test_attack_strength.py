@@ -82,7 +82,7 @@ def test_fab_follows_an_independent_loop_step_by_step(norm):
     target = np.argsort(-np.asarray(STEEP.jax_logits(X)), 1)[:, 1]
     best, best_norm = numpy_fab_target(X, STEEP_Y, target, num_steps=20, norm=norm)
     eps = float(np.median(best_norm[np.isfinite(best_norm)]))
-    x_adv = np.asarray(attacks.fab_t(STEEP.jax_logits, X, STEEP_Y, eps=eps, num_steps=20,
+    x_adv = np.asarray(attacks.fab_t(STEEP.jax_logits, X, STEEP_Y, None, eps=eps, num_steps=20,
                                      norm=norm, n_target_classes=1))
     within = best_norm <= eps
     assert 0.2 < within.mean() < 1.0

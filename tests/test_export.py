@@ -25,7 +25,7 @@ def test_export_then_import_gives_the_units_weights_and_mask(workdir, tmp_path, 
     assert "wrote" in capsys.readouterr().out
     files = Layout(workdir).unit(0, 1)
     params, _ = store.load_tree_raw(files.final_variables)
-    saved_mask = masks.mask_from_numpy(store.read_mask_arrays(files.mask), params)
+    saved_mask = masks.mask_from_numpy(params, store.read_mask_arrays(files.mask))
     assert masks.weights_remaining(saved_mask) < 1.0  # level 1 is pruned
 
     model = get_model("lenet-300-100")

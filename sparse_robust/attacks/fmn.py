@@ -51,7 +51,7 @@ def fmn_min_norm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, norm: str =
                                      gamma_final=gamma_final, clip_min=clip_min,
                                      clip_max=clip_max))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    parts.check_inputs(x, y, None, needs_key=False)
+    parts.check_inputs(x, y, None, False, clip_min, clip_max)
     parts.num_classes_at_least(logits_fn, x, 2, "FMN")
     # The largest perturbation the box allows: no budget beyond it is useful.
     worst_norm = parts.norm_of(jnp.maximum(x - clip_min, clip_max - x), norm)
@@ -88,7 +88,7 @@ def fmn_min_norm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, norm: str =
     return lax.stop_gradient(best_adv), lax.stop_gradient(best_norm)
 
 
-def fmn(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array] = None, *,
+def fmn(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: Optional[jax.Array], *,
         eps, norm: str = "linf", num_steps: int = 100, alpha_init: float = 1.0,
         alpha_final: float = 0.01, gamma_init: float = 0.05, gamma_final: float = 0.001,
         clip_min: float = 0.0, clip_max: float = 1.0) -> jax.Array:

@@ -240,5 +240,5 @@ def from_state_dict(model, state_dict: Mapping[str, Any], sample_input) -> Impor
     if with_masks:
         alive = {entry.leaf: entry.from_torch(np.asarray(state_dict[entry.key + MASK_SUFFIX])) != 0
                  for entry in entries if entry.key + MASK_SUFFIX in state_dict}
-        mask = masks_lib.mask_from_numpy(alive, params)
+        mask = masks_lib.mask_from_numpy(params, alive)
     return Imported(params, model_state, mask)

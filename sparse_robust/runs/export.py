@@ -55,7 +55,7 @@ def unit_state_dict(workdir: str, trial: int, level: int, branch: Optional[str] 
     num_classes = int(np.shape(params["output"]["kernel"])[-1])
     model = models_lib.get_model(config["model"]["name"], num_classes=num_classes,
                                  width_multiplier=config["model"]["width_multiplier"])
-    mask = masks_lib.mask_from_numpy(store.read_mask_arrays(files.mask), params)
+    mask = masks_lib.mask_from_numpy(params, store.read_mask_arrays(files.mask))
     steps = int(store.read_json(files.result).get("steps", 0))  # BN's num_batches_tracked
     arrays = interop.to_state_dict(model, params, model_state, mask, include_masks=include_masks,
                                    num_batches_tracked=steps)
