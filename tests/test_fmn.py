@@ -124,10 +124,10 @@ def test_the_engine_records_fmn_curves_and_checks_them_against_autoattack(
 
     config = load_config(tiny_config_file(20))
     config.attacks["fmn"] = ml_collections.ConfigDict(
-        {"name": "fmn", "eps": 0.1, "norm": "linf", "num_steps": 20, "label_source": "true"})
+        {"name": "fmn", "eps": 0.1, "norm": "linf", "num_steps": 10, "label_source": "true"})
     config.attacks["aa"] = ml_collections.ConfigDict(
-        {"name": "autoattack", "eps": 0.05, "norm": "linf", "num_steps": 5,
-         "n_target_classes": 3, "num_queries": 20, "label_source": "true"})
+        {"name": "autoattack", "eps": 0.05, "norm": "linf", "num_steps": 2,
+         "n_target_classes": 1, "num_queries": 5, "label_source": "true"})
     config.eval.attacks = "fmn,aa"
     config.prune.levels = 1
     path = str(tmp_path / "run")
