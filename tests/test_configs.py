@@ -92,6 +92,7 @@ def test_shootout_configs_compare_every_method_alike(name, model):
                                                      "inverse_inheritance"}
     assert config.retrain.num_steps > 0  # one fine-tuning budget for every one-shot method
     labels = schema.attack_labels(config)
-    aa = [config.attacks[label] for label in labels if config.attacks[label]["name"] == "autoattack"]
+    aa = [config.attacks[label] for label in labels
+          if config.attacks[label]["name"] == "autoattack"]
     assert aa and aa[0]["label_source"] == "true" and aa[0].get("version", "standard") == "standard"
     assert all(config.attacks[label]["label_source"] == "true" for label in labels)

@@ -168,7 +168,8 @@ def test_learned_rates_meet_the_target_within_ten_percent(score_phase):
         assert int(np.sum(mask[layer]["kernel"])) == round(k * sizes[layer])
 
 
-@pytest.mark.parametrize("rates", [{"a": 0.4, "b": 1.0}, {"a": 0.05, "b": 0.2}, {"a": 0.1, "b": 0.9}])
+@pytest.mark.parametrize("rates", [{"a": 0.4, "b": 1.0}, {"a": 0.05, "b": 0.2},
+                                   {"a": 0.1, "b": 0.9}])
 def test_rates_meeting_target_scales_all_layers_by_one_factor(rates):
     sizes = {"a": 100, "b": 10}
     scaled = harp.rates_meeting_target(rates, sizes, 0.2)

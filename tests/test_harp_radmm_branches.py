@@ -57,7 +57,8 @@ def test_harp_rates_meet_the_level_and_shape_the_mask(finished_run):
     assert kept == pytest.approx(target * sum(sizes.values()), rel=1e-6)
     for name, m in mask.items():  # each layer keeps round(k · n) at its final rate
         assert m.sum() == round(rates["final"][name.rsplit("/", 1)[0]] * m.size), name
-    assert record["weights_remaining"] == pytest.approx(target, abs=len(sizes) / sum(sizes.values()))
+    assert record["weights_remaining"] == pytest.approx(
+        target, abs=len(sizes) / sum(sizes.values()))
 
 
 def test_radmm_mask_is_the_global_projection_and_pruned_weights_are_zero(finished_run):

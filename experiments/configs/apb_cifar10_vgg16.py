@@ -20,7 +20,8 @@ Recipes (epochs of 45,000 training images, batch 128; every phase PGD-10 adversa
 - HARP (Zhao & Wressnegger 2023): scores and per-layer rates 20 epochs (HARP README: "20 epochs
   in the pruning stage"), then 100 epochs of fine-tuning (README: harp_finetune --epochs 100).
   Deviation: γ rises linearly from 0 to 10 over the score phase (the authors' code raises it
-  step-wise with factor 0.01), α = 0.1; the learning rate of the score phase is HYDRA's 0.1.
+  step-wise with factor 0.01), α = 0.1; the learning rate of the score phase is HYDRA's 0.1,
+  the rate logits' 0.02 (our default, chosen with Adam on Fashion-MNIST; not tuned for SGD).
 - RADMM (Ye et al. 2019): 50 epochs of ADMM adversarial training in 10 rounds, ρ = 0.01 growing
   1.3x per round, global sparsity constraint, then hard pruning and 100 epochs of fine-tuning.
   These are our settings, not checked against the authors' code.
@@ -63,8 +64,8 @@ def get_config():
     config.retrain.update(num_steps=100 * STEPS_PER_EPOCH, learning_rate=0.01)
     config.branches.hydra.update(num_steps=20 * STEPS_PER_EPOCH, learning_rate=0.1,
                                  allocation="uniform")
-    config.branches.harp.update(num_steps=20 * STEPS_PER_EPOCH, learning_rate=0.1, alpha=0.1,
-                                gamma=10.0)
+    config.branches.harp.update(num_steps=20 * STEPS_PER_EPOCH, learning_rate=0.1,
+                                rate_learning_rate=0.02, alpha=0.1, gamma=10.0)
     config.branches.radmm.update(num_steps=50 * STEPS_PER_EPOCH, learning_rate=0.01, rounds=10,
                                  rho=0.01, rho_growth=1.3, scope="global")
     config.branches.random.start = "dense_trained"

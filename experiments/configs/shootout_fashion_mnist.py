@@ -10,7 +10,8 @@ steps; the methods start from it at each target:
   1,000 steps per level (the lottery ticket, LTH with rewinding);
 - random: a random mask with the one-shot magnitude mask's per-layer sizes, on the dense weights;
 - hydra: 300 steps of score training (allocation "level": the same per-layer sizes);
-- harp: 300 steps of scores and per-layer rates (α = 0.1, γ rising to 10);
+- harp: 300 steps of scores and per-layer rates (α = 0.1, γ rising to 10, rate logits at Adam
+  0.02: with the scores' 1e-3 they stay at the target and HARP collapses as uniform HYDRA did);
 - radmm: 500 steps of ADMM adversarial training (5 rounds, ρ = 0.01 growing 1.3x, global);
 - inverse_inheritance: the dense network inheriting the ticket (dense, for reference), and
   scratch_large: the same network from scratch.
@@ -56,7 +57,8 @@ def get_config():
     config.retrain.update(num_steps=500, learning_rate=1e-3)
     config.branches.random.start = "dense_trained"
     config.branches.hydra.update(num_steps=300, learning_rate=1e-3, allocation="level")
-    config.branches.harp.update(num_steps=300, learning_rate=1e-3, alpha=0.1, gamma=10.0)
+    config.branches.harp.update(num_steps=300, learning_rate=1e-3, rate_learning_rate=0.02,
+                                alpha=0.1, gamma=10.0)
     config.branches.radmm.update(num_steps=500, learning_rate=1e-3, rounds=5, rho=0.01,
                                  rho_growth=1.3, scope="global")
     config.eval.update(every=250, num_examples=1_000, attack="pgd", attacks="pgd20,autoattack",

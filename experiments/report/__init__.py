@@ -34,8 +34,8 @@ from sparse_robust.checks import check_choice
 from sparse_robust.runs.errors import UserError
 
 __all__ = ["Run", "accuracy_figure", "conclusion", "diagnostic_names", "diagnostics_figure",
-           "early_stopping_figure",
-           "failed_sanity_checks", "harp_rates_table", "inverse_inheritance_table", "learning_curves",
+           "early_stopping_figure", "failed_sanity_checks", "harp_rates_table",
+           "inverse_inheritance_table", "learning_curves",
            "learning_curves_figure", "load_run", "load_runs", "main", "methods_table",
            "paper_table", "plot_accuracy_vs_weights", "plot_diagnostics", "plot_early_stopping",
            "plot_learning_curves", "plot_robustness_curves", "plot_weight_distributions",
