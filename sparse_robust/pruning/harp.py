@@ -142,6 +142,8 @@ class RatePenalizedObjective:
         return getattr(self.objective, name)
 
     def gamma_at(self, step):
+        """The penalty's weight at score step ``step``: γ grows linearly from 0 to ``gamma`` over
+        the score phase, then stays."""
         return self.gamma * jnp.minimum(step / self.num_steps, 1.0)
 
     def __call__(self, model_fn, params, model_state, x, y, key):
@@ -156,6 +158,9 @@ class RatePenalizedObjective:
 
 def make_objective(objective, scores, target: float, alpha: float, gamma: float,
                    num_steps: int) -> RatePenalizedObjective:
+    """HARP's score-phase objective: ``objective`` (e.g. PGD-AT) plus γ(step) times the penalty
+    max(density / target − 1, 0), for rate logits shaped like ``scores``' layers; keep rates
+    never fall below k_min = ``alpha`` · ``target``. ValueError on a bad setting, before compute."""
     target, alpha = check_settings(target, alpha)
     check_number("gamma", gamma, 0)
     if not isinstance(num_steps, int) or num_steps < 1:

@@ -147,6 +147,10 @@ class AdmmObjective:
 
 def make_objective(objective, weights_remaining: float, scope: str, rho: float,
                    rho_growth: float, steps_per_round: int) -> AdmmObjective:
+    """RADMM's objective: ``objective`` (e.g. PGD-AT) plus ρ_r/2·‖W − Z + U‖², Z the projection
+    of W + U onto ``weights_remaining`` (``scope`` "layerwise" or "global") and U the scaled dual,
+    both renewed every ``steps_per_round`` steps; ρ_r = ``rho`` · ``rho_growth``^round.
+    ValueError on a bad setting, before compute."""
     check_settings(weights_remaining, scope, rho, rho_growth, steps_per_round)
     return AdmmObjective(objective, float(weights_remaining), scope, float(rho),
                          float(rho_growth), steps_per_round)

@@ -26,6 +26,7 @@ class Method:
     branch: Optional[str] = None  # dotted path of the module defining its ``BRANCH``, if it has one
 
     def load_library(self) -> ModuleType:
+        """The module of the method's library functions (imported on first use)."""
         return importlib.import_module(self.library)
 
     def load_branch(self) -> Any:
@@ -56,6 +57,7 @@ def unregister(name: str) -> None:
 
 
 def get(name: str) -> Method:
+    """The method registered as ``name`` (ValueError naming the registered ones otherwise)."""
     if name not in _METHODS:
         raise ValueError(f"Unknown pruning method {name!r}; registered: {list(_METHODS)}.")
     return _METHODS[name]
