@@ -165,7 +165,8 @@ def test_masks_shrink_and_summary_has_design_fields(tmp_path, dataset):
         assert record["attacks"]["fgsm"]["eps"] == 0.3
         assert set(record["sanity_checks"]) == {
             "num_examples", "monotone_in_eps", "eps0_equals_clean", "pgd_not_weaker_than_fgsm",
-            "apgd_not_weaker_than_pgd", "large_eps_reaches_chance", "ce_and_dlr_agree"}
+            "apgd_not_weaker_than_pgd", "large_eps_reaches_chance", "ce_and_dlr_agree",
+            "deterministic_at_evaluation", "few_zero_gradients"}
         assert record["sanity_checks"]["eps0_equals_clean"]["passed"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert strip_timing(summary) == strip_timing(records)

@@ -116,7 +116,7 @@ def test_eight_devices_evaluate_identically_split_across_them(eight_device_run):
     assert set(one) == {"clean_loss", "clean_accuracy", "pgd_loss", "pgd_accuracy", "worst_case_accuracy"}
     assert eight["clean_accuracy"] == one["clean_accuracy"] and eight["pgd_accuracy"] == one["pgd_accuracy"]
     assert eight["worst_case_accuracy"] == one["worst_case_accuracy"]
-    assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert eight["clean_loss"] == pytest.approx(one["clean_loss"], rel=1e-5)
     assert one["pgd_accuracy"] < one["clean_accuracy"]  # the attack did something
     # The batch is split: 8 devices hold 5 of the 40 rows each; one device holds all 40.
     layout = eight_device_run["eval_8_layout"]
