@@ -35,8 +35,8 @@ from sparse_robust.pruning.compact import compact
 SHAPE = (32, 32, 3)
 
 
-def _params(model, biases: bool, seed=0):
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE))))
+def _params(model, biases: bool, seed=0, shape=SHAPE):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -57,14 +57,19 @@ def _runners(model, params, images, labels):
                                                              key))
 
 
-def row(name: str, rounds: int, biases: bool, images, labels, repeats: int) -> dict:
+def channel_ticket(name: str, rounds: int, biases: bool, shape=SHAPE):
+    """(model, masked params, mask, compacted): random weights, L1 channel pruning at rate 0.5
+    applied `rounds` times (1 / 2**rounds of each hidden layer's channels kept)."""
     model = get_model(name)
-    params = _params(model, biases)
+    params = _params(model, biases, shape=shape)
     mask = masks.create_mask(params)
     for _ in range(rounds):
         mask = pruning.magnitude_prune(params, mask, 0.5, granularity="channel")
-    dense_params = masks.apply_mask(params, mask)
-    small = compact(model, params, mask)
+    return model, masks.apply_mask(params, mask), mask, compact(model, params, mask)
+
+
+def row(name: str, rounds: int, biases: bool, images, labels, repeats: int) -> dict:
+    model, dense_params, mask, small = channel_ticket(name, rounds, biases)
     np.testing.assert_allclose(small.model.apply({"params": small.params}, images[:64]),
                                model.apply({"params": dense_params}, images[:64]),
                                atol=1e-5, rtol=1e-5)

@@ -29,3 +29,13 @@ def test_a_row_times_both_paths_which_agree(capsys):
     assert row["eval speed-up"] == row["eval dense s"] / row["eval sparse s"]
     assert sparse_tickets.speed_ups([row]) == {"dense-300-100 2%": round(row["eval speed-up"], 2)}
     json.dumps(sparse_tickets.speed_ups([row]))
+
+
+def test_the_channel_row_compares_the_compacted_conv_ticket_with_its_masked_dense_original():
+    row = sparse_tickets.measure_channel("conv-2", 2, **TINY)
+    assert row["model"] == "conv-2 channel" and row["density"] == 0.25
+    # Compact computes the same logits (to 1e-5), so the verdicts and the loss agree.
+    assert row["eval differ"] == 0 and row["train loss diff"] < 1e-4
+    for column in ("eval dense s", "eval sparse s", "train dense s", "train sparse s"):
+        assert 0 < row[column] < float("inf")
+    assert sparse_tickets.speed_ups([row]) == {"conv-2 channel 25%": round(row["eval speed-up"], 2)}

@@ -176,3 +176,52 @@ def test_a_channel_pruned_chain_records_shrinking_flops_and_the_report_shows_the
         assert channels.is_channel_mask({name: jnp.asarray(a) for name, a in arrays.items()})
     table = report.paper_table(report.load_run(str(tmp_path)))
     assert "FLOPs (M)" in table and f"{flops[2] / 1e6:.2f}" in table
+
+
+def test_the_hydra_branch_at_channel_granularity_keeps_the_channels_of_highest_summed_score(
+        tmp_path):
+    """config.prune.granularity = 'channel' reaches the hydra branch: its mask removes whole
+    neurons and nothing else, as many per layer as the chain's channel mask at that level, and
+    the kept ones are those of highest summed (saved, learned) score — checked in numpy."""
+    from conftest import set_field
+    from experiments.configs import base
+    from sparse_robust import data
+    from sparse_robust.runs import pipeline, store
+    from sparse_robust.runs.layout import Layout
+
+    config = base.get_config()
+    for dotted, value in {"progress": False, "num_trials": 1, "model.name": "lenet-300-100",
+                          "model.width_multiplier": 0.1, "train.objective": "natural",
+                          "train.num_steps": 4, "train.batch_size": 20, "eval.every": 4,
+                          "eval.num_examples": 0, "eval.batch_size": 60, "eval.attacks": "fgsm",
+                          "eval.sanity_examples": 0, "checkpoint_every": 4, "prune.levels": 1,
+                          "prune.rates.default": 0.6, "prune.granularity": "channel",
+                          "branches.names": "hydra", "branches.hydra.num_steps": 3,
+                          "branches.hydra.learning_rate": 0.1, "retrain.num_steps": 2,
+                          "parallel.num_devices": 1}.items():
+        set_field(config, dotted, value)
+    dataset = data.make_synthetic(0, num_train=120, num_val=60, num_test=60,
+                                  image_shape=(8, 8, 1), flatten=True)
+    pipeline.run(config, str(tmp_path), dataset=dataset)
+
+    layout = Layout(str(tmp_path))
+    chain = store.read_mask_arrays(layout.unit(0, 1).mask)
+    files = layout.unit(0, 1, "hydra")
+    mask = store.read_mask_arrays(files.mask)
+    scores, _ = store.load_tree_raw(files.phase("score_phase").extra("final_scores"))
+    assert set(mask) == set(chain)
+    for name, m in mask.items():
+        layer = name.split("/")[0]
+        column = m.reshape(-1, m.shape[-1])
+        alive = column.any(axis=0)
+        assert (column.all(axis=0) == alive).all(), name          # whole neurons only
+        chain_alive = chain[name].reshape(-1, m.shape[-1]).any(axis=0)
+        assert alive.sum() == chain_alive.sum(), name               # the chain's channel count
+        if layer == "output":
+            assert alive.all()                                      # the classes stay
+            continue
+        assert 0 < alive.sum() < alive.size, name
+        summed = np.asarray(scores[layer]["kernel"], np.float64).reshape(-1, m.shape[-1]).sum(0)
+        assert summed[alive].min() > summed[~alive].max(), name     # the top summed scores
+    # The learned scores, not the initial magnitudes, decided (the score phase ran).
+    assert store.read_json(files.phase("score_phase").extra("score_phase.json"))["steps"] == 3

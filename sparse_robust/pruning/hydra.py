@@ -69,12 +69,15 @@ def init_scores(params, mask=None):
     return masks_lib.map_prunable(score, mask, params)
 
 
-def topk_mask(scores, weights_remaining, scope: str = "layerwise"):
+def topk_mask(scores, weights_remaining, scope: str = "layerwise",
+              granularity: str = "weight"):
     """Keep the highest scores: ``weights_remaining`` of each layer (a fraction for all, or
     {layer: fraction}), or with scope "global" that fraction of all prunable weights at once.
 
     Exactly ``n - round((1 - f) · n)`` weights survive in a layer of ``n`` (ties go to the later
-    flat index), via ``pruning.prune``. Jittable.
+    flat index), via ``pruning.prune``. With granularity "channel" the same counts are of whole
+    filters / neurons ranked by their summed scores (``pruning.channels``; layerwise only, the
+    ``output`` layer stays whole). Jittable.
     """
     weights_remaining = _check_weights_remaining(weights_remaining)
     if scope not in pruning.SCOPES:
@@ -85,12 +88,13 @@ def topk_mask(scores, weights_remaining, scope: str = "layerwise"):
     alive = jax.tree_util.tree_map(lambda s: jnp.ones(jnp.shape(s), bool), scores)
     rates = ({layer: 1.0 - f for layer, f in weights_remaining.items()}
              if isinstance(weights_remaining, dict) else 1.0 - weights_remaining)
-    return pruning.prune(scores, alive, rates, scope=scope)
+    return pruning.prune(scores, alive, rates, scope=scope, granularity=granularity)
 
 
-def masked_weights(weights, scores, weights_remaining, scope: str = "layerwise"):
+def masked_weights(weights, scores, weights_remaining, scope: str = "layerwise",
+                   granularity: str = "weight"):
     """``w ⊙ topk(s)`` forward; straight-through backward: ``∂/∂s = ∂/∂(w ⊙ m) · w``."""
-    mask = topk_mask(jax.lax.stop_gradient(scores), weights_remaining, scope)
+    mask = topk_mask(jax.lax.stop_gradient(scores), weights_remaining, scope, granularity)
 
     def gate(s, m, w):
         if s is None:
@@ -102,8 +106,9 @@ def masked_weights(weights, scores, weights_remaining, scope: str = "layerwise")
 
 
 def make_score_model_fn(model_fn: training.ModelFn, weights_remaining,
-                        scope: str = "layerwise") -> training.ModelFn:
-    """A model_fn whose trainable "params" are the scores.
+                        scope: str = "layerwise", granularity: str = "weight") -> training.ModelFn:
+    """A model_fn whose trainable "params" are the scores (the forward uses ``topk_mask`` at
+    ``granularity``, so a channel-granularity score phase trains against channel masks).
 
     Its ``model_state`` is ``{"weights": frozen params, "model_state": the model's own state}``
     (see :func:`create_score_state`): the weights ride along untouched and get no gradient, so
@@ -112,7 +117,7 @@ def make_score_model_fn(model_fn: training.ModelFn, weights_remaining,
     weights_remaining = _check_weights_remaining(weights_remaining)
 
     def score_model_fn(scores, state, x, train):
-        params = masked_weights(state["weights"], scores, weights_remaining, scope)
+        params = masked_weights(state["weights"], scores, weights_remaining, scope, granularity)
         logits, inner = model_fn(params, state["model_state"], x, train)
         return logits, {"weights": state["weights"], "model_state": inner}
 

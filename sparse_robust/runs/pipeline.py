@@ -83,7 +83,8 @@ def _branch_runs(ctx, finetune, layout: Layout, plan: Plan, trial: int):
             if branches_lib.get(name).at_dense == (level == 0):
                 yield branches_lib.BranchRun(ctx=ctx, finetune=finetune, layout=layout,
                                              trial=trial, level=level, name=name,
-                                             all_settings=plan.branch_settings, scope=plan.scope)
+                                             all_settings=plan.branch_settings, scope=plan.scope,
+                                             granularity=plan.granularity)
 
 
 def _start_progress(ctx, finetune, layout: Layout, plan: Plan) -> None:

@@ -276,6 +276,13 @@ def _check_branches(config) -> None:
     if not levels or any(not 1 <= level <= top for level in levels) or len(set(levels)) != len(levels):
         _fail("branches.levels", config.branches.levels,
               f"distinct chain levels in 1..{top} (the pruned levels of this config)")
+    settings = {name: dict(config.branches[name]) for name in branches_lib.default_settings()}
+    if ("hydra" in branches_lib.with_requirements(chosen, settings)
+            and config.prune.granularity == "channel"
+            and config.branches.hydra.allocation == "global"):
+        _fail("branches.hydra.allocation", config.branches.hydra.allocation,
+              "'level' or 'uniform' with config.prune.granularity = 'channel' (channels are "
+              "ranked per layer)")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -53,6 +53,7 @@ class BranchRun:
     name: str
     all_settings: Mapping[str, Mapping[str, Any]]   # config.branches.<branch> of every branch
     scope: str                     # the chain's pruning scope
+    granularity: str = "weight"    # the chain's pruning granularity (weight | channel)
 
     @property
     def settings(self) -> Mapping[str, Any]:

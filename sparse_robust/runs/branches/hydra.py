@@ -6,7 +6,13 @@ How many weights each layer keeps is the ``allocation`` setting: "level" (defaul
 layer as many as the one-shot magnitude mask of the dense network at the chain's scope (the
 random branch's per-layer sizes); "uniform" keeps the same fraction of every layer (the paper's
 layer-wise k, which at 1 % leaves dense-300-100's output layer 10 weights and collapses);
-"global" ranks all scaled scores together."""
+"global" ranks all scaled scores together.
+
+At the chain's granularity "channel" (``config.prune.granularity``) the score phase and the final
+mask keep whole filters / neurons ranked by their summed scores (``pruning.prune(...,
+granularity="channel")``); with allocation "level" each layer keeps as many channels as the
+chain's channel mask at that level ("uniform": the level's fraction of every layer's channels;
+"global" is refused by the config check: channels are ranked per layer)."""
 
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ ALLOCATIONS = ("level", "uniform", "global")
 def allocation(b, dense_params):
     """(weights_remaining, scope) of the top-k: per layer or one fraction, as configured."""
     level_mask = b.chain(b.level).mask
+    if b.settings["allocation"] == "level" and b.granularity == "channel":
+        # The chain's channel mask: a layer's weight fraction is its fraction of channels kept.
+        return masks_lib.layer_weights_remaining(level_mask), "layerwise"
     if b.settings["allocation"] == "level":
         return (masks_lib.layer_weights_remaining(one_shot_mask(dense_params, level_mask,
                                                                 b.scope)), "layerwise")
@@ -33,7 +42,8 @@ def allocation(b, dense_params):
 
 def _score_context(b, weights_remaining, scope: str):
     return b.ctx.phase(b.settings["num_steps"], b.settings["learning_rate"]).derive(
-        model_fn=hydra.make_score_model_fn(b.ctx.model_fn, weights_remaining, scope))
+        model_fn=hydra.make_score_model_fn(b.ctx.model_fn, weights_remaining, scope,
+                                           b.granularity))
 
 
 def run(b):
@@ -55,8 +65,8 @@ def run(b):
         store.save_tree(scores_path, (outcome.state.params,
                                       outcome.state.model_state["model_state"]))
     scores, model_state = store.load_tree(scores_path, like)
-    return b.train((dense.params, model_state), hydra.topk_mask(scores, weights_remaining, scope),
-                   score_phase=store.read_json(summary_path))
+    mask = hydra.topk_mask(scores, weights_remaining, scope, b.granularity)
+    return b.train((dense.params, model_state), mask, score_phase=store.read_json(summary_path))
 
 
 BRANCH = Branch(
