@@ -41,6 +41,17 @@ def _clean_and_adv_logits(model_fn, params, model_state, x, x_adv):
     return clean_logits, adv_logits, model_state
 
 
+class WrappedObjective:
+    """Base of the objectives that add a term to another, held as ``self.objective`` (HARP's rate
+    penalty, RADMM's ADMM penalty): every field they do not set reads as the inner objective's
+    (name, adversarial, adv_weight, ...: early stopping and the engine read them)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "objective":  # copy/pickle probes, unset fields
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A training loss.

@@ -303,3 +303,30 @@ def _wait_for():
 @pytest.fixture(scope="session", name="wait_for_holder")
 def _wait_for_holder():
     return wait_for_holder
+
+
+# A tiny MLP as a plain model fn (12 -> 10 -> 7 -> 3, ReLU, a bias on the output only) and a
+# 3-class toy problem for it: the method tests (HARP, RADMM) train on these.
+TOY_SHAPES = {"dense_0": (12, 10), "dense_1": (10, 7), "output": (7, 3)}
+
+
+def toy_mlp_params(seed):
+    rng = np.random.default_rng(seed)
+    params = {n: {"kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)}
+              for n, s in TOY_SHAPES.items()}
+    params["output"]["bias"] = jnp.zeros(3, jnp.float32)
+    return params
+
+
+def toy_mlp_fn(params, model_state, x, train):
+    h = x
+    for layer in ("dense_0", "dense_1"):
+        h = jax.nn.relu(h @ params[layer]["kernel"])
+    return h @ params["output"]["kernel"] + params["output"]["bias"], model_state
+
+
+def toy_mlp_data(seed, n=256):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 12)).astype(np.float32)
+    y = (x[:, :4].sum(1) > x[:, 4:8].sum(1)).astype(np.int32) + (x[:, 8] > 0.7)
+    return jnp.asarray(x), jnp.asarray(y, jnp.int32)

@@ -11,35 +11,13 @@ from sparse_robust import data as data_lib
 from sparse_robust import masks, training
 from sparse_robust.objectives import Objective
 from sparse_robust.pruning import harp
+from conftest import TOY_SHAPES, toy_mlp_data, toy_mlp_fn, toy_mlp_params
 
 TARGET, ALPHA = 0.2, 0.5
-SHAPES = {"dense_0": (12, 10), "dense_1": (10, 7), "output": (7, 3)}
-
-
-def tiny_params(seed):
-    rng = np.random.default_rng(seed)
-    params = {n: {"kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)}
-              for n, s in SHAPES.items()}
-    params["output"]["bias"] = jnp.zeros(3, jnp.float32)
-    return params
-
-
-def model_fn(params, model_state, x, train):
-    h = x
-    for layer in ("dense_0", "dense_1"):
-        h = jax.nn.relu(h @ params[layer]["kernel"])
-    return h @ params["output"]["kernel"] + params["output"]["bias"], model_state
-
-
-def toy_data(seed, n=64):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(n, 12)).astype(np.float32)
-    y = (x[:, :4].sum(1) > x[:, 4:8].sum(1)).astype(np.int32) + (x[:, 8] > 0.7)
-    return jnp.asarray(x), jnp.asarray(y, jnp.int32)
 
 
 def test_topk_at_rates_keeps_the_highest_scores_at_each_rate():
-    scores = harp.init_scores(tiny_params(0))
+    scores = harp.init_scores(toy_mlp_params(0))
     rates = {"dense_0": {"kernel": 0.25}, "dense_1": {"kernel": 0.5},
              "output": {"kernel": 1.0, "bias": None}}
     rates = jax.tree_util.tree_map(jnp.asarray, rates)
@@ -51,7 +29,7 @@ def test_topk_at_rates_keeps_the_highest_scores_at_each_rate():
 
 
 def test_rates_start_at_the_target_and_stay_above_k_min():
-    logits = harp.init_rate_logits(masks.create_mask(tiny_params(0)), TARGET, ALPHA)
+    logits = harp.init_rate_logits(masks.create_mask(toy_mlp_params(0)), TARGET, ALPHA)
     for rate in harp.learned_rates(logits, ALPHA * TARGET).values():
         assert rate == pytest.approx(TARGET, rel=1e-6)
     assert float(harp.keep_rate(-1e4, ALPHA * TARGET)) == pytest.approx(ALPHA * TARGET)
@@ -67,7 +45,7 @@ def test_straight_through_gradient_matches_a_finite_difference_of_its_surrogate(
 
 def check_ste_against_finite_difference():
     to64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
-    params, (x, y) = to64(tiny_params(1)), toy_data(2, 16)
+    params, (x, y) = to64(toy_mlp_params(1)), toy_mlp_data(2, 16)
     x = x.astype(jnp.float64)
     target = 0.6  # dense enough that every layer's mask passes a gradient on this toy net
     kmin = ALPHA * target
@@ -77,7 +55,7 @@ def check_ste_against_finite_difference():
     ce = lambda logit: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logit, y))
 
     def ste_loss(s, r):
-        return ce(model_fn(harp.masked_weights(params, s, r, kmin), {}, x, True)[0])
+        return ce(toy_mlp_fn(harp.masked_weights(params, s, r, kmin), {}, x, True)[0])
 
     rates0 = jax.tree_util.tree_map(lambda r: harp.keep_rate(r, kmin), logits)
     hard = harp.topk_at_rates(scores, rates0)
@@ -89,11 +67,11 @@ def check_ste_against_finite_difference():
             return w * (m + (s_ - s0) + (harp.keep_rate(r_, kmin) - harp.keep_rate(r0, kmin)))
         weights = jax.tree_util.tree_map(gate, hard, s, scores, r, logits, params,
                                          is_leaf=masks.is_none)
-        return ce(model_fn(weights, {}, x, True)[0])
+        return ce(toy_mlp_fn(weights, {}, x, True)[0])
 
     g_scores, g_logits = jax.grad(ste_loss, argnums=(0, 1))(scores, logits)
     eps = 1e-5
-    for layer in SHAPES:
+    for layer in TOY_SHAPES:
         r0 = logits[layer]["kernel"]
         bump = lambda d: {**logits, layer: {**logits[layer], "kernel": r0 + d}}
         fd = (surrogate(scores, bump(eps)) - surrogate(scores, bump(-eps))) / (2 * eps)
@@ -105,7 +83,7 @@ def check_ste_against_finite_difference():
                 s = np.array(flat)
                 s[i] += d
                 return {**scores, layer: {**scores[layer],
-                                          "kernel": jnp.asarray(s.reshape(SHAPES[layer]))}}
+                                          "kernel": jnp.asarray(s.reshape(TOY_SHAPES[layer]))}}
             fd = (surrogate(at(eps), logits) - surrogate(at(-eps), logits)) / (2 * eps)
             got = float(np.ravel(g_scores[layer]["kernel"])[i])
             assert got == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
@@ -114,7 +92,7 @@ def check_ste_against_finite_difference():
 @pytest.fixture(scope="module")
 def score_phase():
     """A short HARP score phase on the toy problem, with FGSM adversarial training."""
-    params, (x, y) = tiny_params(3), toy_data(4, 256)
+    params, (x, y) = toy_mlp_params(3), toy_mlp_data(4, 256)
     fgsm = lambda logits_fn, x, y, key: jnp.clip(x + 0.05 * jnp.sign(jax.grad(
         lambda z: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_fn(z), y)))(x)),
         0.0, 1.0)
@@ -127,7 +105,7 @@ def score_phase():
                                     gamma=20.0, num_steps=steps)
     tx = optax.adam(0.01)
     state = harp.create_score_state(params, {}, scores, logits, tx, jax.random.PRNGKey(0))
-    loop = training.make_train_loop(harp.make_score_model_fn(model_fn, ALPHA * TARGET), tx,
+    loop = training.make_train_loop(harp.make_score_model_fn(toy_mlp_fn, ALPHA * TARGET), tx,
                                     objective)
     indices = data_lib.batch_indices(jax.random.PRNGKey(1), x.shape[0], 32, 0, steps)
     final, metrics = loop(state, x, y, indices)
@@ -154,7 +132,7 @@ def test_learned_rates_meet_the_target_within_ten_percent(score_phase):
     _, _, final, metrics = score_phase
     kmin = ALPHA * TARGET
     learned = harp.learned_rates(final.params["rate_logits"], kmin)
-    sizes = {layer: int(np.prod(s)) for layer, s in SHAPES.items()}
+    sizes = {layer: int(np.prod(s)) for layer, s in TOY_SHAPES.items()}
     kept = sum(sizes[l] * k for l, k in learned.items()) / sum(sizes.values())
     assert abs(kept / TARGET - 1.0) <= 0.10, learned
     assert float(metrics["density"][0]) > 1.5 * TARGET
@@ -163,7 +141,7 @@ def test_learned_rates_meet_the_target_within_ten_percent(score_phase):
                                      TARGET, ALPHA)
     alive, total = masks.count(mask)
     assert sum(sizes[l] * k for l, k in rates.items()) == pytest.approx(TARGET * total)
-    assert abs(alive - TARGET * total) <= len(SHAPES)
+    assert abs(alive - TARGET * total) <= len(TOY_SHAPES)
     for layer, k in rates.items():
         assert int(np.sum(mask[layer]["kernel"])) == round(k * sizes[layer])
 
@@ -190,12 +168,12 @@ def test_rates_meeting_target_scales_all_layers_by_one_factor(rates):
 def test_bad_settings_are_refused_with_one_line(kwargs, message):
     settings = {"target": 0.1, "alpha": 0.5, "gamma": 1.0, "num_steps": 10, **kwargs}
     with pytest.raises(ValueError, match=message):
-        harp.make_objective(Objective("natural"), harp.init_scores(tiny_params(0)), **settings)
+        harp.make_objective(Objective("natural"), harp.init_scores(toy_mlp_params(0)), **settings)
 
 
 def test_score_optimizer_steps_rates_with_their_own_learning_rate():
-    params = {"scores": harp.init_scores(tiny_params(0)),
-              "rate_logits": harp.init_rate_logits(masks.create_mask(tiny_params(0)), TARGET,
+    params = {"scores": harp.init_scores(toy_mlp_params(0)),
+              "rate_logits": harp.init_rate_logits(masks.create_mask(toy_mlp_params(0)), TARGET,
                                                    ALPHA)}
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     tx = harp.score_optimizer(optax.sgd(0.5), optax.sgd(3.0))

@@ -11,30 +11,8 @@ from sparse_robust import data as data_lib
 from sparse_robust import masks, training
 from sparse_robust.objectives import Objective
 from sparse_robust.pruning import radmm
+from conftest import TOY_SHAPES, toy_mlp_data, toy_mlp_fn, toy_mlp_params
 
-SHAPES = {"dense_0": (12, 10), "dense_1": (10, 7), "output": (7, 3)}
-
-
-def tiny_params(seed):
-    rng = np.random.default_rng(seed)
-    params = {n: {"kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)}
-              for n, s in SHAPES.items()}
-    params["output"]["bias"] = jnp.zeros(3, jnp.float32)
-    return params
-
-
-def model_fn(params, model_state, x, train):
-    h = x
-    for layer in ("dense_0", "dense_1"):
-        h = jax.nn.relu(h @ params[layer]["kernel"])
-    return h @ params["output"]["kernel"] + params["output"]["bias"], model_state
-
-
-def toy_data(seed, n=256):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(n, 12)).astype(np.float32)
-    y = (x[:, :4].sum(1) > x[:, 4:8].sum(1)).astype(np.int32) + (x[:, 8] > 0.7)
-    return jnp.asarray(x), jnp.asarray(y, jnp.int32)
 
 
 def numpy_projection(values: dict, keep: float, scope: str) -> dict:
@@ -60,23 +38,23 @@ def numpy_projection(values: dict, keep: float, scope: str) -> dict:
 @pytest.mark.parametrize("scope", ["layerwise", "global"])
 @pytest.mark.parametrize("keep", [0.3, 0.05])
 def test_z_is_exactly_the_top_k_projection(scope, keep):
-    params = tiny_params(0)
+    params = toy_mlp_params(0)
     mask = masks.create_mask(params)
     z = jax.jit(radmm.project, static_argnums=(2, 3))(params, mask, keep, scope)
     assert z["output"]["bias"] is None
-    values = {n: np.asarray(params[n]["kernel"]) for n in SHAPES}
+    values = {n: np.asarray(params[n]["kernel"]) for n in TOY_SHAPES}
     expected = numpy_projection(values, keep, scope)
-    for n in SHAPES:
+    for n in TOY_SHAPES:
         np.testing.assert_array_equal(np.asarray(z[n]["kernel"]), expected[n], err_msg=n)
 
 
 def test_admm_update_is_projection_then_dual_ascent():
-    params, other = tiny_params(1), tiny_params(2)
+    params, other = toy_mlp_params(1), toy_mlp_params(2)
     mask = masks.create_mask(params)
     admm = radmm.init_admm(other, mask, 0.3, "layerwise")
     admm["u"] = jax.tree_util.tree_map(lambda z: 0.1 * jnp.ones_like(z), admm["u"])
     new = radmm.admm_update(params, admm, 0.3, "layerwise")
-    for n in SHAPES:
+    for n in TOY_SHAPES:
         w, u = np.asarray(params[n]["kernel"]), np.asarray(admm["u"][n]["kernel"])
         z = numpy_projection({n: w + u}, 0.3, "layerwise")[n]
         np.testing.assert_allclose(new["z"][n]["kernel"], z, rtol=1e-6)
@@ -95,7 +73,7 @@ def admm_phase():
     rng = np.random.default_rng(3)
     params = {"output": {"kernel": jnp.asarray(rng.normal(size=(12, 3)) / 3, jnp.float32),
                          "bias": jnp.zeros(3, jnp.float32)}}
-    x, y = toy_data(4)
+    x, y = toy_mlp_data(4)
     keep, rounds, per_round = 0.3, 8, 25
     objective = radmm.make_objective(Objective("natural"), keep, "layerwise", rho=0.1,
                                      rho_growth=1.3, steps_per_round=per_round)
@@ -129,7 +107,7 @@ def test_z_keeps_the_projection_count(admm_phase):
 def test_hard_pruned_weights_stay_zero_through_fine_tuning(admm_phase):
     keep, _, final, _ = admm_phase
     mask = radmm.hard_prune_mask(final.model_state["admm"], keep, "layerwise")
-    x, y = toy_data(5)
+    x, y = toy_mlp_data(5)
     tx = optax.adamw(0.01, weight_decay=1e-3)
     state = training.create_train_state(final.params, {}, tx, mask, jax.random.PRNGKey(2))
     loop = training.make_train_loop(linear_fn, tx, Objective("natural"))

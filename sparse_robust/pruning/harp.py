@@ -32,6 +32,7 @@ import optax
 from sparse_robust import masks as masks_lib
 from sparse_robust import training
 from sparse_robust.checks import check_number
+from sparse_robust.objectives import WrappedObjective
 from sparse_robust.pruning import hydra
 
 init_scores = hydra.init_scores
@@ -123,7 +124,7 @@ def make_score_model_fn(model_fn: training.ModelFn, kmin: float) -> training.Mod
 
 
 @dataclasses.dataclass(frozen=True)
-class RatePenalizedObjective:
+class RatePenalizedObjective(WrappedObjective):
     """The adversarial objective plus ``γ_t · rate_penalty``, γ_t = gamma · t / num_steps.
 
     Counts its steps in the model state's "step" (so a resumed phase continues the schedule);
@@ -135,11 +136,6 @@ class RatePenalizedObjective:
     target: float
     gamma: float
     num_steps: int
-
-    def __getattr__(self, name):  # name, adversarial, adv_weight, ...: the inner objective's
-        if name.startswith("__") or name == "objective":  # copy/pickle probes, unset fields
-            raise AttributeError(name)
-        return getattr(self.objective, name)
 
     def gamma_at(self, step):
         """The penalty's weight at score step ``step``: γ grows linearly from 0 to ``gamma`` over

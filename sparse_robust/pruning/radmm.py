@@ -32,6 +32,7 @@ from sparse_robust import masks as masks_lib
 from sparse_robust import pruning
 from sparse_robust import training
 from sparse_robust.checks import check_number
+from sparse_robust.objectives import WrappedObjective
 
 SCOPES = pruning.SCOPES
 
@@ -113,7 +114,7 @@ def init_state(params, model_state, mask, weights_remaining: float, scope: str) 
 
 
 @dataclasses.dataclass(frozen=True)
-class AdmmObjective:
+class AdmmObjective(WrappedObjective):
     """The adversarial objective plus ``ρ_r/2 · ‖W − Z + U‖²`` with ρ_r = rho · rho_growth^r in
     round r; at the first step of every round after the first, Z and U are updated from the
     current weights first (see the module docstring). Reads as its inner objective otherwise."""
@@ -123,11 +124,6 @@ class AdmmObjective:
     rho: float
     rho_growth: float
     steps_per_round: int
-
-    def __getattr__(self, name):  # name, adversarial, adv_weight, ...: the inner objective's
-        if name.startswith("__") or name == "objective":  # copy/pickle probes, unset fields
-            raise AttributeError(name)
-        return getattr(self.objective, name)
 
     def __call__(self, model_fn, params, model_state, x, y, key):
         step = model_state["step"]
