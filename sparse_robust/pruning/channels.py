@@ -52,12 +52,7 @@ def channel_prune(scores, mask, rates: criteria.Rates, *, scope: str = "layerwis
     if scope != "layerwise":
         raise ValueError(f"Channel pruning ranks channels per layer: scope must be 'layerwise', "
                          f"got {scope!r}.")
-    alive_by_name = masks_lib.mask_leaves(mask)
-    score_by_name = masks_lib.named_leaves(scores)
-    missing = set(alive_by_name) - set(score_by_name)
-    if missing:
-        raise ValueError(f"Scores lack the prunable leaves {sorted(missing)}; give scores shaped "
-                         "like the params.")
+    alive_by_name, score_by_name = criteria.alive_and_scores(scores, mask)
     per_leaf = criteria.layer_rates(alive_by_name, rates)
     new = {name: m if masks_lib.layer_name(name) in WHOLE_LAYERS
            else _prune_channels(score_by_name[name], m, per_leaf[name])

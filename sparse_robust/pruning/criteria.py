@@ -82,6 +82,18 @@ def layer_rates(leaf_names: Iterable[str], rates: Rates) -> dict[str, float]:
     return resolved
 
 
+def alive_and_scores(scores, mask) -> tuple[dict, dict]:
+    """({leaf name: alive array} of the mask's prunable leaves, {leaf name: score array}); a
+    ValueError naming the prunable leaves the scores lack."""
+    alive_by_name = masks_lib.mask_leaves(mask)
+    score_by_name = masks_lib.named_leaves(scores)
+    missing = set(alive_by_name) - set(score_by_name)
+    if missing:
+        raise ValueError(f"Scores lack the prunable leaves {sorted(missing)}; give scores shaped "
+                         "like the params.")
+    return alive_by_name, score_by_name
+
+
 def _keep_top(scores: jax.Array, alive: jax.Array, rate: float) -> jax.Array:
     """New alive flags (flat): drop round(rate * n_alive) of the alive entries with lowest scores."""
     n_alive = jnp.sum(alive)
@@ -117,12 +129,7 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise", granularity: 
     if granularity == "channel":
         from sparse_robust.pruning import channels  # it builds on this module
         return channels.channel_prune(scores, mask, rates, scope=scope)
-    alive_by_name = masks_lib.mask_leaves(mask)
-    score_by_name = masks_lib.named_leaves(scores)
-    missing = set(alive_by_name) - set(score_by_name)
-    if missing:
-        raise ValueError(f"Scores lack the prunable leaves {sorted(missing)}; give scores shaped "
-                         "like the params.")
+    alive_by_name, score_by_name = alive_and_scores(scores, mask)
 
     if scope == "layerwise":
         per_leaf = layer_rates(alive_by_name, rates)
