@@ -549,10 +549,15 @@ def sanity_checks(*, clean_accuracy: float, attack_accuracies: Mapping[str, floa
             f"slack {100 * loss_gap_slack:g}" + ("" if gap <= loss_gap_slack else
                                                 " (cross-entropy attacks overestimate robustness "
                                                 "here)")))
-    for check in checks:
-        if not check.passed:  # The caller reports them (the engine in summary.json and the report).
-            logging.info("Robustness sanity check FAILED: %s: %s", check.name, check.detail)
-    return checks
+    return [_logged(check) for check in checks]
+
+
+def _logged(check: Check) -> Check:
+    """``check``, logged when it failed (the caller reports it: the engine in summary.json and
+    the report)."""
+    if not check.passed:
+        logging.info("Robustness sanity check FAILED: %s: %s", check.name, check.detail)
+    return check
 
 
 def square_check(stage_accuracies: Mapping[str, float], num_examples: int, *,
@@ -575,9 +580,7 @@ def square_check(stage_accuracies: Mapping[str, float], num_examples: int, *,
     detail = (f"Square broke {count} of {num_examples} images ({100 * broken:.2f} %) that every "
               f"gradient attack missed; slack {100 * slack:g} %"
               + ("" if passed else " (gradient masking: trust the gradient-free number)"))
-    if not passed:
-        logging.info("Robustness sanity check FAILED: square_finds_nothing_new: %s", detail)
-    return Check("square_finds_nothing_new", passed, detail)
+    return _logged(Check("square_finds_nothing_new", passed, detail))
 
 
 def _logits_program(evaluator: Evaluator):
@@ -609,9 +612,7 @@ def randomness_check(evaluator: Evaluator, params, model_state, images, *,
               f"{gap:.3g} (bound {bound:.3g})"
               + ("" if passed else " (the model is randomised or batch-dependent at evaluation: "
                                    "evaluate it in eval mode, deterministically)"))
-    if not passed:
-        logging.info("Robustness sanity check FAILED: deterministic_at_evaluation: %s", detail)
-    return Check("deterministic_at_evaluation", passed, detail)
+    return _logged(Check("deterministic_at_evaluation", passed, detail))
 
 
 def zero_gradient_check(evaluator: Evaluator, params, model_state, images, labels, *,
@@ -640,9 +641,7 @@ def zero_gradient_check(evaluator: Evaluator, params, model_state, images, label
               f"allowed {100 * max_share:g} %"
               + ("" if passed else " (gradient attacks cannot move from them: trust only "
                                    "gradient-free numbers such as AutoAttack's Square stage)"))
-    if not passed:
-        logging.info("Robustness sanity check FAILED: few_zero_gradients: %s", detail)
-    return Check("few_zero_gradients", passed, detail)
+    return _logged(Check("few_zero_gradients", passed, detail))
 
 
 def fmn_check(fmn_accuracy: float, autoattack_accuracy: float, num_examples: int, *,
@@ -658,9 +657,7 @@ def fmn_check(fmn_accuracy: float, autoattack_accuracy: float, num_examples: int
               f"{100 * autoattack_accuracy:.2f} % ({max(count, 0)} of {num_examples} images); "
               f"slack {100 * slack:g} %" + ("" if passed else " (AutoAttack missed points: "
                                                              "trust the lower number)"))
-    if not passed:
-        logging.info("Robustness sanity check FAILED: fmn_finds_nothing_new: %s", detail)
-    return Check("fmn_finds_nothing_new", passed, detail)
+    return _logged(Check("fmn_finds_nothing_new", passed, detail))
 
 
 def sanity_attacks(eps: float, norm: str = "linf", num_steps: int = 20,
