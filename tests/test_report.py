@@ -457,3 +457,39 @@ def test_robustness_curves_plot_beside_the_autoattack_point(tmp_path):
     assert is_png(report.plot_robustness_curves(run, str(tmp_path)))
     no_curves = report.load_run(write_workdir(tmp_path / "n", numbers, checkpoints=False))
     assert report.plot_robustness_curves(no_curves, str(tmp_path)) is None
+
+
+def test_the_conclusion_ranks_the_sparse_methods_at_each_sparsity(tmp_path):
+    """Per pruned level, the sparse methods (not the dense ones) in order of mean worst-case
+    robust accuracy, and the verdict on the first two recomputed from the records with numpy."""
+    numbers = known_numbers(11)
+    rng = np.random.default_rng(12)
+    records = [record(numbers, t, lvl) for t in range(NUM_TRIALS) for lvl in range(NUM_LEVELS)]
+    for name in ("random", "hydra", "radmm", "inverse_inheritance"):
+        for t in range(NUM_TRIALS):
+            for lvl in range(1, NUM_LEVELS):
+                r = record(numbers, t, lvl, branch=name)
+                r["robust_accuracy"]["worst_case"] = float(rng.uniform(0.1, 0.7))
+                records.append(r)
+    run = report.load_run(write_workdir(tmp_path / "m", numbers, checkpoints=False,
+                                        records=records))
+    lines = [line for line in report.conclusion(run).splitlines() if "sparsity" in line]
+    assert len(lines) == NUM_LEVELS - 1
+    titles = {"": "lottery ticket", "random": "random mask", "hydra": "HYDRA", "radmm": "RADMM"}
+    for line, lvl in zip(lines, range(1, NUM_LEVELS)):
+        values = {title: 100 * np.array([r["robust_accuracy"]["worst_case"] for r in records
+                                         if r.get("branch", "") == m and r["level"] == lvl])
+                  for m, title in titles.items()}
+        order = sorted(values, key=lambda k: -values[k].mean())
+        assert f"At {100 - 100 * 0.8 ** lvl:.1f} % sparsity" in line
+        assert "inverse inheritance" not in line  # a dense network
+        shown = re.findall(r"([A-Za-z ]+) (\d+\.\d) ± (\d+\.\d)", line.split(": ", 1)[1])
+        assert [name.strip(" ;") for name, _, _ in shown] == order
+        for (name, mean, std), key in zip(shown, order):
+            assert float(mean) == pytest.approx(values[key].mean(), abs=0.051)
+            assert float(std) == pytest.approx(values[key].std(ddof=1), abs=0.051)
+        first, second = (values[k] for k in order[:2])
+        lead = round(first.mean(), 1) - round(second.mean(), 1)
+        separated = lead > max(first.std(ddof=1), second.std(ddof=1))
+        assert ("more than the larger of their stds" in line) == separated
+        assert ("do not separate them" in line) == (not separated)

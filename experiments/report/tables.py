@@ -6,9 +6,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from experiments.report.load import (ACCURACY_FIELDS, WORST_CASE, Run, accuracy_getters,
-                                     as_runs, attack_settings, attack_title, level_groups,
-                                     mean_std, method, method_rank, num_trials, remaining_percent,
+from experiments.report.load import (ACCURACY_FIELDS, METHOD_TITLES, WORST_CASE, Run,
+                                     accuracy_getters, as_runs, attack_settings, attack_title,
+                                     level_groups, mean_std, method, method_rank, num_trials, remaining_percent,
                                      resolve_attacks, table_method)
 from sparse_robust.checks import check_choice
 
@@ -337,4 +337,46 @@ def conclusion(runs: Union[Run, Sequence[Run]], accuracy: str = "final") -> str:
             f"{prefix}At {remaining_percent(ticket):.1f} % of the weights, the lottery ticket keeps "
             f"{mean(ticket):.1f} % robust accuracy, against {against} (worst case over "
             f"{', '.join(evaluators)}; {_test_examples([run])} test images).")
+        sentences += _method_ranking(run, robust, prefix)
     return "\n".join(sentences)
+
+
+_DENSE_METHODS = ("dense", "inverse_inheritance", "scratch_large")  # not sparse networks
+
+
+def _method_ranking(run: Run, robust, prefix: str) -> list[str]:
+    """Where a run compares pruning methods: per pruned level, the sparse methods ranked by mean
+    worst-case robust accuracy, and whether the first is ahead of the second by more than the
+    larger of their two stds (else they are not separated by these trials)."""
+    sentences = []
+    for level in sorted({r["level"] for r in _compared(run)} - {0}):
+        at_level = [r for r in _compared(run) if r["level"] == level]
+        groups = {}
+        for record in at_level:
+            if table_method(record) not in _DENSE_METHODS and robust(record) is not None:
+                groups.setdefault(table_method(record), []).append(100 * robust(record))
+        if len(groups) < 2:
+            continue
+        stats = sorted(((name, *mean_std(values)) for name, values in groups.items()),
+                       key=lambda s: -s[1])
+        title = lambda name: METHOD_TITLES.get(name, name)
+        shown = lambda name, mean, std: f"{title(name)} {mean:.1f}" + (
+            f" ± {std:.1f}" if std is not None else "")
+        (first, m1, s1), (second, m2, s2) = stats[:2]
+        lead = round(m1, 1) - round(m2, 1)
+        ahead = (f"{lead:.1f} points ahead of {title(second)}" if lead > 0
+                 else f"level with {title(second)}")
+        if s1 is None or s2 is None:
+            verdict = f"{ahead} (one trial: no spread to judge by)"
+        elif lead > max(s1, s2):
+            verdict = f"{ahead}, more than the larger of their stds ({max(s1, s2):.1f})"
+        else:
+            verdict = (f"{ahead}, within the larger of their stds ({max(s1, s2):.1f}): "
+                       f"{min(len(groups[first]), len(groups[second]))} trials do not separate "
+                       f"them")
+        chain = [r for r in at_level if not method(r)] or at_level
+        sentences.append(
+            f"{prefix}At {100 - remaining_percent(chain):.1f} % sparsity, robust accuracy (worst "
+            f"case, %): " + "; ".join(shown(*s) for s in stats)
+            + f". {title(first)} is {verdict}.")
+    return sentences
