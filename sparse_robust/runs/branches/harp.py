@@ -1,7 +1,11 @@
 """harp: HARP (Zhao & Wressnegger 2023): with the dense network's weights frozen, learn scores and
 per-layer keep rates under the rate penalty (its own phase, ``score_phase/``), keep each layer's
 top scores at the learned rates (scaled to the level's weights remaining), then fine-tune the
-weights under that mask. The record carries the learned and final rates per layer."""
+weights under that mask. The record carries the learned and final rates per layer.
+
+At the chain's granularity "channel" (``config.prune.granularity``) the scores and the final mask
+are of whole filters / neurons: each layer keeps the channels of highest summed score, its
+learned rate being the fraction of its channels kept; ``output`` stays whole (rate 1)."""
 
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ def _score_context(b, target: float, scores):
     s = b.settings
     ctx = b.ctx.phase(s["num_steps"], s["learning_rate"])
     objective = harp.make_objective(b.ctx.objective, scores, target, s["alpha"], s["gamma"],
-                                    ctx.schedule.num_steps)
+                                    ctx.schedule.num_steps, b.granularity)
     rates_tx = ctx.make_optimizer(s["rate_learning_rate"])
     return ctx.derive(model_fn=harp.make_score_model_fn(b.ctx.model_fn,
-                                                        harp.k_min(target, s["alpha"])),
+                                                        harp.k_min(target, s["alpha"]),
+                                                        b.granularity),
                       objective=objective,
                       optimizer=harp.score_optimizer(ctx.optimizer, rates_tx))
 
@@ -48,7 +53,7 @@ def run(b):
                                       outcome.state.model_state["model_state"]))
     learned, model_state = store.load_tree(scores_path, like)
     mask, learned_rates, final_rates = harp.final_mask(learned["scores"], learned["rate_logits"],
-                                                       target, s["alpha"])
+                                                       target, s["alpha"], b.granularity)
     return b.train((dense.params, model_state), mask, score_phase=store.read_json(summary_path),
                    harp_rates={"learned": learned_rates, "final": final_rates})
 
