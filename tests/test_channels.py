@@ -109,6 +109,81 @@ def test_compact_gives_the_same_logits_with_strictly_fewer_flops(case):
     assert type(model)(**small.model_kwargs) == small.model
 
 
+LENET5 = ("lenet-5", {}, (28, 28, 1))
+VGG16 = ("vgg-16", {"width_multiplier": 0.125}, (32, 32, 3))
+VGG16_HYDRA = ("vgg-16-hydra", {"width_multiplier": 0.125}, (32, 32, 3))
+
+
+def _bn_setup(case, rate=0.5, seed=0):
+    """A batch-norm model with random kernels, BN scales/biases of both signs around 1 / 0 and
+    random running statistics, and a channel mask: (model, params, mask, batch_stats, shape)."""
+    name, kwargs, input_shape = case
+    model = get_model(name, **kwargs, conv_impl="xla")
+    params = _params(model, input_shape, seed)
+    rng = np.random.default_rng(seed + 1)
+    for layer in [n for n in params if n.startswith("bn_")]:
+        width = params[layer]["scale"].shape
+        params[layer] = {"scale": jnp.asarray(1 + 0.3 * rng.normal(size=width), jnp.float32),
+                         "bias": jnp.asarray(0.3 * rng.normal(size=width), jnp.float32)}
+    stats = {layer: {"mean": jnp.asarray(0.2 * rng.normal(size=params[layer]["scale"].shape),
+                                         jnp.float32),
+                     "var": jnp.asarray(rng.uniform(0.5, 1.5, size=params[layer]["scale"].shape),
+                                        jnp.float32)}
+             for layer in params if layer.startswith("bn_")}
+    mask = pruning.magnitude_prune(params, masks.create_mask(params), rate, granularity="channel")
+    return model, params, mask, stats, input_shape
+
+
+@pytest.mark.parametrize("case", [LENET5, VGG16, VGG16_HYDRA],
+                         ids=["lenet-5", "vgg-16", "vgg-16-hydra"])
+def test_compact_of_lenet5_and_batch_norm_models_same_eval_logits_fewer_flops(case):
+    """lenet-5 (its VALID second conv takes the first's removed constants as bias) and the VGGs
+    (a removed filter's constant is its BN of zero, with running statistics): the same eval-mode
+    logits, strictly fewer FLOPs, and a model rebuilt from the returned fields."""
+    if case is LENET5:
+        model, params, mask, input_shape = _setup(case, rate=0.5)
+        stats = None
+    else:
+        model, params, mask, stats, input_shape = _bn_setup(case)
+    x = np.random.default_rng(1).uniform(size=(4, *input_shape)).astype(np.float32)
+
+    def logits_and_flops(model, params, stats):
+        extra = {} if stats is None else {"batch_stats": stats}
+        fn = lambda p, x: model.apply({"params": p, **extra}, x, train=False)
+        return np.asarray(fn(params, x)), matmul_flops(fn, params, x)
+
+    dense_logits, dense_flops = logits_and_flops(model, masks.apply_mask(params, mask), stats)
+    small = compact(model, params, mask, stats)
+    logits, flops = logits_and_flops(small.model, small.params, small.batch_stats)
+    np.testing.assert_allclose(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    assert flops < dense_flops
+    masks.check_mask(small.params, small.mask)
+    assert masks.count(small.mask)[1] < masks.count(mask)[1]
+    assert type(model)(**small.model_kwargs) == small.model
+    if stats is not None:  # removed filters took their BN entries with them
+        for layer, entry in small.batch_stats.items():
+            width = small.params[layer.replace("bn_", "conv_")]["kernel"].shape[-1]
+            assert entry["mean"].shape == entry["var"].shape == small.params[layer][
+                "scale"].shape == (width,)
+
+
+def test_records_count_flops_of_the_compacted_batch_norm_network():
+    """units.forward_flops (every record's forward_flops) compacts a VGG with its batch_stats."""
+    import types
+    from sparse_robust import flops as flops_lib
+    from sparse_robust.runs import units
+
+    model, params, mask, stats, input_shape = _bn_setup(VGG16)
+    images = np.zeros((1, *input_shape), np.float32)
+    ctx = types.SimpleNamespace(model=model, dataset=types.SimpleNamespace(train_images=images))
+    counted = units.forward_flops(ctx, params, {"batch_stats": stats}, mask)
+    small = compact(model, params, mask, stats)
+    assert counted == flops_lib.forward_flops(
+        small.model, {"params": small.params, "batch_stats": small.batch_stats}, images)
+    assert counted < flops_lib.forward_flops(model, {"params": params, "batch_stats": stats},
+                                             images)
+
+
 def test_compact_keeps_a_dead_filter_whose_constant_enters_a_padded_conv():
     """conv-4's conv_0 feeds a 'SAME' conv: a dead filter with a positive bias outputs a constant
     map that zero padding makes position-dependent, so it stays; one with a negative bias goes."""
@@ -140,8 +215,12 @@ def test_errors():
     with pytest.raises(ValueError, match="scope must be 'layerwise'"):
         pruning.magnitude_prune(params, mask, 0.5, scope="global", granularity="channel")
     resnet = get_model("resnet-18", width_multiplier=0.125)
-    with pytest.raises(ValueError, match="compact supports MLP and ConvNet"):
+    with pytest.raises(ValueError, match="compact supports MLP, ConvNet, LeNet5, VGG and "
+                                         "HydraVGG .*not ResNet"):
         compact(resnet, {}, None)
+    vgg, vgg_params, vgg_mask, _, _ = _bn_setup(VGG16)
+    with pytest.raises(ValueError, match="needs its batch_stats"):
+        compact(vgg, vgg_params, vgg_mask)
 
 
 # ---------------------------------------------------------------------------------------------
