@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from sparse_robust import masks as masks_lib
 from sparse_robust.pruning import harp
-from sparse_robust.runs import fit as fit_lib
-from sparse_robust.runs import store
 from sparse_robust.runs.branches import Branch
 from sparse_robust.runs.fields import field, integer, number
 
@@ -34,27 +32,22 @@ def run(b):
     dense = b.chain(0)
     target = masks_lib.weights_remaining(b.chain(b.level).mask)
     s = b.settings
-    phase = b.files.phase("score_phase")
-    scores_path, summary_path = phase.extra("final_scores"), phase.extra("score_phase.json")
     scores = harp.init_scores(dense.params)
     logits = harp.init_rate_logits(masks_lib.create_mask(dense.params), target, s["alpha"])
     like = ({"scores": scores, "rate_logits": logits}, dense.model_state)
-    if not store.exists(scores_path):
+
+    def start(key):
         ctx = _score_context(b, target, scores)
-        state = harp.create_score_state(dense.params, dense.model_state, scores, logits,
-                                        ctx.optimizer, b.key("harp_scores", b.level, "train"))
-        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
-            state=state, data_key=b.key("data"), eval_key=b.key("harp_scores", b.level, "eval"),
-            files=phase, label=f"trial {b.trial} level {b.level} harp scores")])
-        store.write_json(summary_path, {"steps": int(outcome.state.step),
-                                        "early_stop_step": outcome.best_step,
-                                        "train_seconds": outcome.train_seconds})
-        store.save_tree(scores_path, (outcome.state.params,
-                                      outcome.state.model_state["model_state"]))
-    learned, model_state = store.load_tree(scores_path, like)
+        return ctx, harp.create_score_state(dense.params, dense.model_state, scores, logits,
+                                            ctx.optimizer, key)
+
+    (learned, model_state), summary = b.fit_phase(
+        "score_phase", final="final_scores", summary="score_phase.json", like=like,
+        tag="harp_scores", start=start,
+        saved=lambda state: (state.params, state.model_state["model_state"]))
     mask, learned_rates, final_rates = harp.final_mask(learned["scores"], learned["rate_logits"],
                                                        target, s["alpha"], b.granularity)
-    return b.train((dense.params, model_state), mask, score_phase=store.read_json(summary_path),
+    return b.train((dense.params, model_state), mask, score_phase=summary,
                    harp_rates={"learned": learned_rates, "final": final_rates})
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 from sparse_robust import masks as masks_lib
 from sparse_robust import training
 from sparse_robust.pruning import radmm
-from sparse_robust.runs import fit as fit_lib
-from sparse_robust.runs import store
 from sparse_robust.runs.branches import Branch
 from sparse_robust.runs.fields import choice, field, integer, number
 
@@ -40,28 +38,24 @@ def run(b):
     dense = b.chain(0)
     weights_remaining = target(b)
     scope = b.settings["scope"]
-    phase = b.files.phase("admm_phase")
-    final_path, summary_path = phase.extra("final_admm"), phase.extra("admm_phase.json")
     every = masks_lib.create_mask(dense.params)
     like = (dense.params, radmm.init_state(dense.params, dense.model_state, every,
                                            weights_remaining, scope, b.granularity))
-    if not store.exists(final_path):
+
+    def start(key):
         ctx = _admm_context(b, weights_remaining)
-        state = training.create_train_state(like[0], like[1], ctx.optimizer, every,
-                                             b.key("radmm", b.level, "train"))
-        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
-            state=state, data_key=b.key("data"), eval_key=b.key("radmm", b.level, "eval"),
-            files=phase, label=f"trial {b.trial} level {b.level} radmm")])
-        residual = float(radmm.residual(outcome.state.params, outcome.state.model_state["admm"]))
-        store.write_json(summary_path, {"steps": int(outcome.state.step),
-                                        "early_stop_step": outcome.best_step,
-                                        "train_seconds": outcome.train_seconds,
-                                        "final_residual": residual})
-        store.save_tree(final_path, (outcome.state.params, outcome.state.model_state))
-    params, admm_state = store.load_tree(final_path, like)
+        return ctx, training.create_train_state(like[0], like[1], ctx.optimizer, every, key)
+
+    def final_residual(outcome):
+        state = outcome.state
+        return {"final_residual": float(radmm.residual(state.params,
+                                                       state.model_state["admm"]))}
+
+    (params, admm_state), summary = b.fit_phase(
+        "admm_phase", final="final_admm", summary="admm_phase.json", like=like, tag="radmm",
+        start=start, saved=lambda state: (state.params, state.model_state), extra=final_residual)
     mask = radmm.hard_prune_mask(admm_state["admm"], weights_remaining, scope, b.granularity)
-    return b.train((params, admm_state["model_state"]), mask,
-                   admm_phase=store.read_json(summary_path))
+    return b.train((params, admm_state["model_state"]), mask, admm_phase=summary)
 
 
 BRANCH = Branch(
