@@ -1,6 +1,7 @@
 """Channel (structured) pruning and `compact`: whole filters / neurons go, and the compacted
 network computes the same logits with strictly fewer FLOPs."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,32 +115,43 @@ VGG16 = ("vgg-16", {"width_multiplier": 0.125}, (32, 32, 3))
 VGG16_HYDRA = ("vgg-16-hydra", {"width_multiplier": 0.125}, (32, 32, 3))
 
 
+RESNET18 = ("resnet-18", {"width_multiplier": 0.125}, (16, 16, 3))
+WRN = ("wide-resnet-28", {"widen_factor": 1, "width_multiplier": 0.5}, (16, 16, 3))
+
+
 def _bn_setup(case, rate=0.5, seed=0):
     """A batch-norm model with random kernels, BN scales/biases of both signs around 1 / 0 and
     random running statistics, and a channel mask: (model, params, mask, batch_stats, shape)."""
     name, kwargs, input_shape = case
     model = get_model(name, **kwargs, conv_impl="xla")
-    params = _params(model, input_shape, seed)
-    rng = np.random.default_rng(seed + 1)
-    for layer in [n for n in params if n.startswith("bn_")]:
-        width = params[layer]["scale"].shape
-        params[layer] = {"scale": jnp.asarray(1 + 0.3 * rng.normal(size=width), jnp.float32),
-                         "bias": jnp.asarray(0.3 * rng.normal(size=width), jnp.float32)}
-    stats = {layer: {"mean": jnp.asarray(0.2 * rng.normal(size=params[layer]["scale"].shape),
-                                         jnp.float32),
-                     "var": jnp.asarray(rng.uniform(0.5, 1.5, size=params[layer]["scale"].shape),
-                                        jnp.float32)}
-             for layer in params if layer.startswith("bn_")}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape)),
+                                               train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        kind = path[-1].key
+        if kind == "kernel":
+            return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        if kind == "scale":
+            return 1 + 0.3 * rng.normal(size=leaf.shape)
+        if kind == "var":
+            return rng.uniform(0.5, 1.5, size=leaf.shape)
+        return (0.3 if kind == "bias" else 0.2) * rng.normal(size=leaf.shape)  # bias, mean
+
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(fill(path, leaf), jnp.float32), shapes)
+    params, stats = variables["params"], variables["batch_stats"]
     mask = pruning.magnitude_prune(params, masks.create_mask(params), rate, granularity="channel")
     return model, params, mask, stats, input_shape
 
 
-@pytest.mark.parametrize("case", [LENET5, VGG16, VGG16_HYDRA],
-                         ids=["lenet-5", "vgg-16", "vgg-16-hydra"])
+@pytest.mark.parametrize("case", [LENET5, VGG16, VGG16_HYDRA, RESNET18, WRN],
+                         ids=["lenet-5", "vgg-16", "vgg-16-hydra", "resnet-18", "wrn"])
 def test_compact_of_lenet5_and_batch_norm_models_same_eval_logits_fewer_flops(case):
-    """lenet-5 (its VALID second conv takes the first's removed constants as bias) and the VGGs
-    (a removed filter's constant is its BN of zero, with running statistics): the same eval-mode
-    logits, strictly fewer FLOPs, and a model rebuilt from the returned fields."""
+    """lenet-5 (its VALID second conv takes the first's removed constants as bias), the VGGs (a
+    removed filter's constant is its BN of zero, with running statistics) and the residual
+    networks (inner block channels only): the same eval-mode logits, strictly fewer FLOPs, a
+    model rebuilt from the returned fields whose init has the returned shapes."""
     if case is LENET5:
         model, params, mask, input_shape = _setup(case, rate=0.5)
         stats = None
@@ -160,11 +172,12 @@ def test_compact_of_lenet5_and_batch_norm_models_same_eval_logits_fewer_flops(ca
     masks.check_mask(small.params, small.mask)
     assert masks.count(small.mask)[1] < masks.count(mask)[1]
     assert type(model)(**small.model_kwargs) == small.model
-    if stats is not None:  # removed filters took their BN entries with them
-        for layer, entry in small.batch_stats.items():
-            width = small.params[layer.replace("bn_", "conv_")]["kernel"].shape[-1]
-            assert entry["mean"].shape == entry["var"].shape == small.params[layer][
-                "scale"].shape == (width,)
+    # Removed filters took their BN entries and the next layer's inputs with them.
+    shapes = jax.eval_shape(lambda: small.model.init(jax.random.PRNGKey(0), x, train=False))
+    shape_of = lambda tree: jax.tree_util.tree_map(np.shape, tree)
+    assert shape_of(shapes["params"]) == shape_of(small.params)
+    if stats is not None:
+        assert shape_of(shapes["batch_stats"]) == shape_of(small.batch_stats)
 
 
 def test_records_count_flops_of_the_compacted_batch_norm_network():
@@ -215,8 +228,9 @@ def test_errors():
     with pytest.raises(ValueError, match="scope must be 'layerwise'"):
         pruning.magnitude_prune(params, mask, 0.5, scope="global", granularity="channel")
     resnet = get_model("resnet-18", width_multiplier=0.125)
-    with pytest.raises(ValueError, match="compact supports MLP, ConvNet, LeNet5, VGG and "
-                                         "HydraVGG .*not ResNet"):
+    with pytest.raises(ValueError, match="compact supports MLP, ConvNet, .* not Dense"):
+        compact(flax.linen.Dense(3), {}, None)
+    with pytest.raises(ValueError, match="compact of a ResNet needs its batch_stats"):
         compact(resnet, {}, None)
     vgg, vgg_params, vgg_mask, _, _ = _bn_setup(VGG16)
     with pytest.raises(ValueError, match="needs its batch_stats"):

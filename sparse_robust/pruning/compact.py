@@ -17,9 +17,11 @@ statistics would differ) — with smaller convolutions and matmuls, so FLOPs and
 Host-side (numpy): shapes change.
 
 Supported: the feed-forward models, MLP (dense-300-100, lenet-300-100), ConvNet (conv-2/4/6),
-LeNet5 (lenet-5), VGG (vgg-16) and HydraVGG (vgg-16-hydra). Not the residual ones (ResNet,
-WideResNet): a residual add ties a block's output channels to its input's, across the whole
-stage, so `compact` refuses them rather than remove only part of what a mask removed.
+LeNet5 (lenet-5), VGG (vgg-16) and HydraVGG (vgg-16-hydra), all their hidden channels; and the
+residual ones, ResNet (resnet-18) and WideResNet (wide-resnet-28, wrn-*), only the inner channels
+of each block: conv_1's filters, which only the block's conv_2 reads (through bn_1 in ResNet,
+bn_2 in WideResNet). A residual add ties every other channel (stem, conv_2, shortcut) to the
+same channel of the whole stage, so those stay even where a mask removed them.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from sparse_robust import masks as masks_lib
-from sparse_robust.models import ConvNet, HydraVGG, LeNet5, MLP, VGG
+from sparse_robust.models import ConvNet, HydraVGG, LeNet5, MLP, ResNet, VGG, WideResNet
 
-SUPPORTED = (MLP, ConvNet, LeNet5, VGG, HydraVGG)
+FEED_FORWARD = (MLP, ConvNet, LeNet5, VGG, HydraVGG)
+RESIDUAL = (ResNet, WideResNet)
 BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, which models.base.batch_norm keeps
 
 
@@ -58,7 +61,7 @@ class _Layer:
 
 def supports(model) -> bool:
     """Whether `compact` can shrink this model (see the module docstring)."""
-    return isinstance(model, SUPPORTED)
+    return isinstance(model, FEED_FORWARD + RESIDUAL)
 
 
 def _dense(count: int) -> list[_Layer]:
@@ -79,9 +82,8 @@ def _layers(model) -> list[_Layer]:
         convs = sum(layer != "M" for layer in model.layers)
         return ([_Layer(f"conv_{i}", "conv", bn=f"bn_{i}") for i in range(convs)]
                 + _dense(len(model.dense_sizes) if isinstance(model, HydraVGG) else 0))
-    raise ValueError(f"compact supports MLP, ConvNet, LeNet5, VGG and HydraVGG (dense-300-100, "
-                     f"lenet-300-100, conv-2/4/6, lenet-5, vgg-16, vgg-16-hydra), not "
-                     f"{type(model).__name__} (residual adds tie channels across blocks).")
+    raise ValueError(f"compact supports MLP, ConvNet, LeNet5, VGG, HydraVGG, ResNet and "
+                     f"WideResNet (the registry's models), not {type(model).__name__}.")
 
 
 def _model_kwargs(model, widths: dict[str, int]) -> dict:
@@ -117,14 +119,24 @@ def _select_inputs(array: np.ndarray, kind: str, after_conv: bool, keep: np.ndar
     return array[keep]
 
 
+def _bn_constant(bias, norm) -> np.ndarray:
+    """relu(BN(bias)) per channel with running statistics: what a dead channel outputs."""
+    if norm is not None:
+        bias = norm["bias"] + norm["scale"] * (bias - norm["mean"]) / np.sqrt(
+            norm["var"] + BN_EPSILON)
+    return np.maximum(bias, 0)
+
+
 def compact(model, params, mask, batch_stats=None) -> Compacted:
     """The network of `model` with `params` (and `batch_stats`, needed for batch-norm models)
     under `mask`, without its removable channels."""
-    layers = _layers(model)
-    norms = [layer.bn for layer in layers if layer.bn]
-    if norms and batch_stats is None:
+    if isinstance(model, RESIDUAL + (VGG, HydraVGG)) and batch_stats is None:
         raise ValueError(f"compact of a {type(model).__name__} needs its batch_stats (the "
                          "running statistics); pass batch_stats=model_state['batch_stats'].")
+    if isinstance(model, RESIDUAL):
+        return _compact_blocks(model, params, mask, batch_stats)
+    layers = _layers(model)
+    norms = [layer.bn for layer in layers if layer.bn]
     unknown = set(params) - {layer.name for layer in layers} - set(norms)
     if unknown:
         raise ValueError(f"compact does not know the layers {sorted(unknown)} of this "
@@ -152,12 +164,8 @@ def compact(model, params, mask, batch_stats=None) -> Compacted:
         else:
             reads = alive[nxt.name].any(axis=1)
         # What a dead channel outputs everywhere: its bias, through the batch norm, the ReLU.
-        constant = bias[name] if bias[name] is not None else np.zeros(channels, np.float32)
-        if layer.bn:
-            bn = norm[layer.bn]
-            constant = bn["bias"] + bn["scale"] * (constant - bn["mean"]) / np.sqrt(
-                bn["var"] + BN_EPSILON)
-        constant = np.maximum(constant, 0)
+        constant = _bn_constant(bias[name] if bias[name] is not None else np.zeros(channels),
+                                norm[layer.bn] if layer.bn else None)
         into_bias = (nxt.kind == "dense" or nxt.padding == "VALID") and bias[nxt.name] is not None
         remove = ~reads | (dead & (into_bias | (constant == 0)))
         if remove.all():
@@ -189,3 +197,53 @@ def compact(model, params, mask, batch_stats=None) -> Compacted:
         for leaf, m in masks_lib.named_leaves(new_mask).items()})
     return Compacted(type(model)(**kwargs), new_params, new_mask, kwargs,
                      new_stats if norms else None)
+
+
+def _blocks(model) -> list[list[str]]:
+    """The residual blocks' names, per stage (ResNet) or group (WideResNet)."""
+    if isinstance(model, ResNet):
+        counts = list(model.stage_sizes)
+    else:
+        counts = [(model.depth - 4) // 6] * 3
+    return [[f"block_{stage + 1}_{block + 1}" for block in range(count)]
+            for stage, count in enumerate(counts)]
+
+
+def _compact_blocks(model, params, mask, batch_stats) -> Compacted:
+    """ResNet / WideResNet: each block's conv_1 filters that its conv_2 does not read, or that are
+    dead with a constant of 0 (conv_2 is padded: another constant is no bias), go with their
+    batch-norm entries and conv_2's input rows; everything else is unchanged."""
+    to_numpy = lambda tree: {k: to_numpy(v) if hasattr(v, "items") else np.array(v)
+                             for k, v in tree.items()}
+    params = to_numpy(masks_lib.apply_mask(params, mask))
+    stats = to_numpy(batch_stats)
+    alive = {name: np.array(m) for name, m in masks_lib.mask_leaves(mask).items()}
+    bn = "bn_1" if isinstance(model, ResNet) else "bn_2"  # the norm between conv_1 and conv_2
+    inner_widths = []
+    for stage in _blocks(model):
+        inner_widths.append([])
+        for block in stage:
+            first, second = f"{block}/conv_1/kernel", f"{block}/conv_2/kernel"
+            channels = params[block]["conv_1"]["kernel"].shape[-1]
+            dead = ~alive[first].reshape(-1, channels).any(axis=0)
+            reads = np.transpose(alive[second], (2, 0, 1, 3)).reshape(channels, -1).any(axis=1)
+            norm = {**params[block][bn], **stats[block][bn]}
+            remove = ~reads | (dead & (_bn_constant(np.zeros(channels), norm) == 0))
+            if remove.all():
+                remove[np.argmax(~dead)] = False
+            keep = ~remove
+            params[block]["conv_1"]["kernel"] = params[block]["conv_1"]["kernel"][..., keep]
+            params[block]["conv_2"]["kernel"] = params[block]["conv_2"]["kernel"][:, :, keep, :]
+            alive[first], alive[second] = alive[first][..., keep], alive[second][:, :, keep, :]
+            params[block][bn] = {k: v[keep] for k, v in params[block][bn].items()}
+            stats[block][bn] = {k: v[keep] for k, v in stats[block][bn].items()}
+            inner_widths[-1].append(int(keep.sum()))
+    kwargs = {field: getattr(model, field) for field in
+              (("stage_sizes",) if isinstance(model, ResNet) else ("depth", "widen_factor"))}
+    kwargs.update(num_classes=model.num_classes, conv_impl=model.conv_impl,
+                  width_multiplier=model.width_multiplier,
+                  inner_widths=tuple(map(tuple, inner_widths)))
+    new_mask = masks_lib.from_named_leaves(mask, {
+        leaf: None if m is None else alive[leaf]
+        for leaf, m in masks_lib.named_leaves(mask).items()})
+    return Compacted(type(model)(**kwargs), params, new_mask, kwargs, stats)
