@@ -204,10 +204,11 @@ def for_model(model, input_shape: Sequence[int]) -> nn.Module:
         sizes = [_flat_size(features, input_shape), *map(scaled, model.dense_sizes), classes]
         return Sequential(features, _classifier(sizes))
     if isinstance(model, ours.LeNet5):
+        first, second = map(scaled, model.conv_widths)
         features = nn.Sequential(
-            nn.Conv2d(channels, scaled(6), 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(scaled(6), scaled(16), 5), nn.ReLU(), nn.MaxPool2d(2))
-        sizes = [_flat_size(features, input_shape), scaled(120), scaled(84), classes]
+            nn.Conv2d(channels, first, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(first, second, 5), nn.ReLU(), nn.MaxPool2d(2))
+        sizes = [_flat_size(features, input_shape), *map(scaled, model.dense_sizes), classes]
         return Sequential(features, _classifier(sizes))
     layers = [layer if layer == "M" else scaled(layer) for layer in getattr(model, "layers", ())]
     if isinstance(model, ours.HydraVGG):

@@ -34,7 +34,7 @@ _REGISTRY = {
     "conv-6": _Entry(
         ConvNet, {"conv_stages": ((64, 64), (128, 128), (256, 256)), "dense_sizes": (256, 256)}
     ),
-    "lenet-5": _Entry(LeNet5, {}),
+    "lenet-5": _Entry(LeNet5, {"conv_widths": (6, 16), "dense_sizes": (120, 84)}),
     "vgg-16": _Entry(VGG, {"layers": VGG16_LAYERS}),
     # The Adversarial Pruning Benchmark's VGG-16 (HYDRA's vgg16_bn), for its checkpoints.
     "vgg-16-hydra": _Entry(HydraVGG, {"layers": HYDRA_VGG16_LAYERS, "dense_sizes": (256, 256)}),

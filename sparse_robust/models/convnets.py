@@ -48,7 +48,13 @@ class ConvNet(Classifier):
 class LeNet5(Classifier):
     """LeNet-5 with ReLU and max-pooling: conv 6@5x5 (SAME), pool, conv 16@5x5 (VALID), pool,
     dense 120, 84, output. Glorot-uniform kernels, zero biases.
+
+    `conv_widths` and `dense_sizes` (before `width_multiplier`) are LeNet-5's; other values are
+    for `pruning.compact`'s smaller networks of the same layers.
     """
+
+    conv_widths: Sequence[int] = (6, 16)
+    dense_sizes: Sequence[int] = (120, 84)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -57,9 +63,10 @@ class LeNet5(Classifier):
         init = nn.initializers.glorot_uniform()
         conv = functools.partial(Conv, kernel_size=(5, 5), kernel_init=init,
                                  conv_impl=self.conv_impl)
-        x = _max_pool(nn.relu(conv(self.scaled(6), padding="SAME", name="conv_0")(x)))
-        x = _max_pool(nn.relu(conv(self.scaled(16), padding="VALID", name="conv_1")(x)))
+        first, second = self.conv_widths
+        x = _max_pool(nn.relu(conv(self.scaled(first), padding="SAME", name="conv_0")(x)))
+        x = _max_pool(nn.relu(conv(self.scaled(second), padding="VALID", name="conv_1")(x)))
         x = flatten_batch(x)
-        x = nn.relu(nn.Dense(self.scaled(120), kernel_init=init, name="dense_0")(x))
-        x = nn.relu(nn.Dense(self.scaled(84), kernel_init=init, name="dense_1")(x))
+        for i, width in enumerate(self.dense_sizes):
+            x = nn.relu(nn.Dense(self.scaled(width), kernel_init=init, name=f"dense_{i}")(x))
         return nn.Dense(self.num_classes, kernel_init=init, name="output")(x)

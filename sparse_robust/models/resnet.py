@@ -1,6 +1,6 @@
 """CIFAR ResNet (He et al. 2016) with BasicBlocks; ResNet-18 is stage sizes (2, 2, 2, 2)."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -10,17 +10,19 @@ from sparse_robust.models.base import Classifier, batch_norm, conv_before_bn, re
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN layers and a residual connection (a 1x1 conv + BN projection when the shape
-    changes).
+    changes). `inner_width`: conv_1's filters (default `width`; `pruning.compact` sets fewer).
     """
 
     width: int
     strides: int = 1
     conv_impl: str = "auto"
+    inner_width: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         strides = (self.strides, self.strides)
-        y = conv_before_bn(self.width, (3, 3), strides, padding=1, conv_impl=self.conv_impl,
+        inner = self.width if self.inner_width is None else self.inner_width
+        y = conv_before_bn(inner, (3, 3), strides, padding=1, conv_impl=self.conv_impl,
                            name="conv_1")(x)
         y = nn.relu(batch_norm(train, "bn_1")(y))
         y = conv_before_bn(self.width, (3, 3), padding=1, conv_impl=self.conv_impl,
@@ -39,10 +41,12 @@ class ResNet(Classifier):
     (stride 2 from the second stage on), global average pool, `output` Dense.
 
     Layers are named `stem_conv`, `stem_bn`, `block_{stage}_{block}/...` (1-based) and `output`.
-    Defaults give ResNet-18.
+    Defaults give ResNet-18. `inner_widths` (per stage, per block; absolute, not scaled): each
+    block's conv_1 filters, for `pruning.compact`'s smaller networks; None: the block's width.
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    inner_widths: Optional[Sequence[Sequence[int]]] = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -54,7 +58,8 @@ class ResNet(Classifier):
             width = self.scaled(64 * 2**stage)
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(width, strides, self.conv_impl,
-                              name=f"block_{stage + 1}_{block + 1}")(x, train)
+                inner = None if self.inner_widths is None else self.inner_widths[stage][block]
+                x = BasicBlock(width, strides, self.conv_impl, inner,
+                               name=f"block_{stage + 1}_{block + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="output")(x)

@@ -1,5 +1,7 @@
 """Wide ResNet (Zagoruyko & Komodakis 2016) with pre-activation blocks, e.g. WRN-28-10."""
 
+from typing import Optional, Sequence
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -9,18 +11,21 @@ from sparse_robust.models.base import Classifier, batch_norm, conv_before_bn, re
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity shortcut, or, when the shape changes, a 1x1
-    conv of the pre-activated input (as in the authors' implementation).
+    conv of the pre-activated input (as in the authors' implementation). `inner_width`: conv_1's
+    filters (default `width`; `pruning.compact` sets fewer).
     """
 
     width: int
     strides: int = 1
     conv_impl: str = "auto"
+    inner_width: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         strides = (self.strides, self.strides)
         activated = nn.relu(batch_norm(train, "bn_1")(x))
-        y = conv_before_bn(self.width, (3, 3), strides, padding=1, conv_impl=self.conv_impl,
+        inner = self.width if self.inner_width is None else self.inner_width
+        y = conv_before_bn(inner, (3, 3), strides, padding=1, conv_impl=self.conv_impl,
                            name="conv_1")(activated)
         y = nn.relu(batch_norm(train, "bn_2")(y))
         y = conv_before_bn(self.width, (3, 3), padding=1, conv_impl=self.conv_impl,
@@ -38,10 +43,13 @@ class WideResNet(Classifier):
     blocks of widths 16k, 32k, 64k (strides 1, 2, 2), BN-ReLU, global average pool, `output` Dense.
 
     Layers are named `stem_conv`, `block_{group}_{block}/...` (1-based), `final_bn` and `output`.
+    `inner_widths` (per group, per block; absolute, not scaled): each block's conv_1 filters, for
+    `pruning.compact`'s smaller networks; None: the block's width.
     """
 
     depth: int = 28
     widen_factor: int = 10
+    inner_widths: Optional[Sequence[Sequence[int]]] = None
 
     def __post_init__(self):
         check_positive_int("widen_factor", self.widen_factor)
@@ -62,8 +70,9 @@ class WideResNet(Classifier):
             width = self.scaled(16 * 2**group * self.widen_factor)
             for block in range(blocks_per_group):
                 strides = 2 if group > 0 and block == 0 else 1
-                x = PreActBlock(width, strides, self.conv_impl,
-                              name=f"block_{group + 1}_{block + 1}")(x, train)
+                inner = None if self.inner_widths is None else self.inner_widths[group][block]
+                x = PreActBlock(width, strides, self.conv_impl, inner,
+                                name=f"block_{group + 1}_{block + 1}")(x, train)
         x = nn.relu(batch_norm(train, "final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="output")(x)

@@ -13,6 +13,7 @@ from sparse_robust.pruning.criteria import (  # noqa: F401  (re-exported)
     RESET_STRATEGIES,
     SCOPES,
     Rates,
+    check_granularity,
     check_rate,
     layer_rates,
     magnitude_prune,

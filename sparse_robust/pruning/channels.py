@@ -18,6 +18,11 @@ from sparse_robust.pruning import criteria
 WHOLE_LAYERS = ("output",)  # their units are the classes: never removed
 
 
+def is_whole_layer(leaf_name: str) -> bool:
+    """True for a leaf of a layer whose units are never removed (``WHOLE_LAYERS``)."""
+    return masks_lib.layer_name(leaf_name) in WHOLE_LAYERS
+
+
 def channel_alive(mask_leaf) -> jnp.ndarray:
     """(out,) bool: the channels of a kernel mask with at least one alive weight."""
     return jnp.any(mask_leaf, axis=tuple(range(jnp.ndim(mask_leaf) - 1)))
@@ -27,6 +32,11 @@ def channel_scores(scores_leaf, mask_leaf) -> jnp.ndarray:
     """(out,) per-channel score: the sum of the alive weights' scores of each channel."""
     axes = tuple(range(jnp.ndim(mask_leaf) - 1))
     return jnp.sum(jnp.where(mask_leaf, scores_leaf, 0.0), axis=axes)
+
+
+def channel_sums(scores_leaf) -> jnp.ndarray:
+    """(out,) the sum of each channel's scores (all its weights: a full mask)."""
+    return jnp.sum(scores_leaf, axis=tuple(range(jnp.ndim(scores_leaf) - 1)))
 
 
 def _prune_channels(scores_leaf, mask_leaf, rate: float):
@@ -54,7 +64,7 @@ def channel_prune(scores, mask, rates: criteria.Rates, *, scope: str = "layerwis
                          f"got {scope!r}.")
     alive_by_name, score_by_name = criteria.alive_and_scores(scores, mask)
     per_leaf = criteria.layer_rates(alive_by_name, rates)
-    new = {name: m if masks_lib.layer_name(name) in WHOLE_LAYERS
+    new = {name: m if is_whole_layer(name)
            else _prune_channels(score_by_name[name], m, per_leaf[name])
            for name, m in alive_by_name.items()}
     return masks_lib.from_named_leaves(

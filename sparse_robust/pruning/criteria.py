@@ -58,6 +58,14 @@ def check_rate(rate, where: str = "") -> float:
     return float(rate)
 
 
+def check_granularity(granularity) -> str:
+    """``granularity`` if it is one of ``GRANULARITIES``; ValueError naming them otherwise."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is invalid; allowed values: "
+                         f"{GRANULARITIES}.")
+    return granularity
+
+
 def layer_rates(leaf_names: Iterable[str], rates: Rates) -> dict[str, float]:
     """Resolve ``rates`` (a float, or {layer name or '*': rate}) to a rate per prunable leaf name."""
     names = list(leaf_names)
@@ -123,10 +131,7 @@ def prune(scores, mask, rates: Rates, *, scope: str = "layerwise", granularity: 
     """
     if scope not in SCOPES:
         raise ValueError(f"Unknown pruning scope {scope!r}; choose one of {SCOPES}.")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is invalid; allowed values: "
-                         f"{GRANULARITIES}.")
-    if granularity == "channel":
+    if check_granularity(granularity) == "channel":
         from sparse_robust.pruning import channels  # it builds on this module
         return channels.channel_prune(scores, mask, rates, scope=scope)
     alive_by_name, score_by_name = alive_and_scores(scores, mask)

@@ -12,6 +12,12 @@ constant). The loss is the adversarial loss plus ``γ·max(Σ n_l k_l / Σ n_l /
 per-layer rates, scaled by one common factor so that it meets the target exactly (the score phase
 ends near it, not on it), and the weights are then fine-tuned adversarially under it.
 
+Granularity "channel": the same with whole filters / neurons. A layer's rate is then the fraction
+of its channels kept (which is its fraction of weights kept, so the penalty is unchanged), the
+mask keeps the ``max(1, round(k_l·c_l))`` channels of highest summed score, and the ``output``
+layer (its units are the classes) stays whole: its rate is fixed at 1, outside the learning and
+the final scaling.
+
 Scores start from HYDRA's scaled magnitudes (``hydra.init_scores``); rates start at the target.
 Trees: scores and rate logits have the mask's structure (an array, resp. a scalar, per prunable
 leaf; None elsewhere). The score phase's params are ``{"scores": ..., "rate_logits": ...}`` and its
@@ -33,7 +39,7 @@ from sparse_robust import masks as masks_lib
 from sparse_robust import training
 from sparse_robust.checks import check_number
 from sparse_robust.objectives import WrappedObjective
-from sparse_robust.pruning import hydra
+from sparse_robust.pruning import channels, criteria, hydra
 
 init_scores = hydra.init_scores
 
@@ -56,6 +62,20 @@ def keep_rate(logit, kmin: float):
     return kmin + (1.0 - kmin) * jax.nn.sigmoid(logit)
 
 
+def _fixed_whole(leaf_name: str, granularity: str) -> bool:
+    """A leaf whose rate is fixed at 1: at channel granularity, a layer never pruned."""
+    return granularity == "channel" and channels.is_whole_layer(leaf_name)
+
+
+def keep_rates(rate_logits, kmin: float, granularity: str = "weight"):
+    """Each prunable leaf's keep rate (the logits' structure); at granularity "channel" the
+    ``output`` layer's is a constant 1 (no gradient reaches its logit)."""
+    return masks_lib.from_named_leaves(rate_logits, {
+        name: None if r is None else jnp.ones((), jnp.float32)
+        if _fixed_whole(name, granularity) else keep_rate(r, kmin)
+        for name, r in masks_lib.named_leaves(rate_logits).items()})
+
+
 def init_rate_logits(mask, target: float, alpha: float, start: float | None = None):
     """A scalar logit per prunable leaf, such that every layer starts at keep rate ``start``
     (default: the target)."""
@@ -71,25 +91,39 @@ def _sizes(scores) -> list[int]:
     return [int(np.size(s)) for s in jax.tree_util.tree_leaves(scores)]
 
 
-def topk_at_rates(scores, rates):
-    """The hard mask: in each leaf, the ``round(k·n)`` highest scores (ties to the earlier index).
+def _top(values, count):
+    """Flags of the ``count`` highest ``values`` (1-D; ties to the earlier index)."""
+    rank = jnp.argsort(jnp.argsort(-values, stable=True), stable=True)
+    return rank < count
+
+
+def topk_at_rates(scores, rates, granularity: str = "weight"):
+    """The hard mask: in each leaf, the ``round(k·n)`` highest scores (ties to the earlier index);
+    at granularity "channel", the ``max(1, round(k·c))`` of its c channels of highest summed score,
+    each wholly kept.
 
     ``rates`` may be traced (jittable); it has the scores' structure with a scalar per leaf.
     """
+    criteria.check_granularity(granularity)
+
     def keep(s, k):
+        if granularity == "channel":
+            summed = channels.channel_sums(s)
+            count = jnp.maximum(jnp.round(k * summed.size), 1).astype(jnp.int32)
+            return jnp.broadcast_to(_top(summed, count), jnp.shape(s))
         flat = jnp.ravel(s)
         count = jnp.round(k * flat.size).astype(jnp.int32)
-        rank = jnp.argsort(jnp.argsort(-flat, stable=True), stable=True)
-        return (rank < count).reshape(jnp.shape(s))
+        return _top(flat, count).reshape(jnp.shape(s))
 
     return jax.tree_util.tree_map(keep, scores, rates)
 
 
-def masked_weights(weights, scores, rate_logits, kmin: float):
+def masked_weights(weights, scores, rate_logits, kmin: float, granularity: str = "weight"):
     """``w ⊙ topk_k(s)`` forward; backward as if the mask were ``M + s + k``: the scores get
     ``g·w`` per weight and each rate ``Σ g·w`` over its layer (g = ∂L/∂(w ⊙ m))."""
-    rates = jax.tree_util.tree_map(lambda r: keep_rate(r, kmin), rate_logits)
-    hard = topk_at_rates(jax.lax.stop_gradient(scores), jax.lax.stop_gradient(rates))
+    rates = keep_rates(rate_logits, kmin, granularity)
+    hard = topk_at_rates(jax.lax.stop_gradient(scores), jax.lax.stop_gradient(rates),
+                         granularity)
 
     def gate(s, m, k, w):
         if s is None:
@@ -100,23 +134,27 @@ def masked_weights(weights, scores, rate_logits, kmin: float):
     return jax.tree_util.tree_map(gate, scores, hard, rates, weights, is_leaf=masks_lib.is_none)
 
 
-def density(rate_logits, sizes, kmin: float):
+def density(rate_logits, sizes, kmin: float, granularity: str = "weight"):
     """Σ n_l k_l / Σ n_l: the fraction of weights the learned rates keep (traceable)."""
-    rates = [keep_rate(r, kmin) for r in jax.tree_util.tree_leaves(rate_logits)]
+    rates = jax.tree_util.tree_leaves(keep_rates(rate_logits, kmin, granularity))
     return sum(n * k for n, k in zip(sizes, rates)) / float(sum(sizes))
 
 
-def rate_penalty(rate_logits, sizes, kmin: float, target: float):
+def rate_penalty(rate_logits, sizes, kmin: float, target: float, granularity: str = "weight"):
     """``max(Σ n_l k_l / Σ n_l / target − 1, 0)``: how far the rates keep more than the target."""
-    return jnp.maximum(density(rate_logits, sizes, kmin) / target - 1.0, 0.0)
+    return jnp.maximum(density(rate_logits, sizes, kmin, granularity) / target - 1.0, 0.0)
 
 
-def make_score_model_fn(model_fn: training.ModelFn, kmin: float) -> training.ModelFn:
+def make_score_model_fn(model_fn: training.ModelFn, kmin: float,
+                        granularity: str = "weight") -> training.ModelFn:
     """A model_fn whose trainable params are ``{"scores", "rate_logits"}``; the frozen weights
-    ride in its model state (see :func:`create_score_state`) and get no gradient."""
+    ride in its model state (see :func:`create_score_state`) and get no gradient. Its masks are
+    of ``granularity`` (weights or whole channels)."""
+    criteria.check_granularity(granularity)
 
     def score_model_fn(params, state, x, train):
-        weights = masked_weights(state["weights"], params["scores"], params["rate_logits"], kmin)
+        weights = masked_weights(state["weights"], params["scores"], params["rate_logits"], kmin,
+                                 granularity)
         logits, inner = model_fn(weights, state["model_state"], x, train)
         return logits, {**state, "model_state": inner}
 
@@ -136,6 +174,7 @@ class RatePenalizedObjective(WrappedObjective):
     target: float
     gamma: float
     num_steps: int
+    granularity: str = "weight"
 
     def gamma_at(self, step):
         """The penalty's weight at score step ``step``: γ grows linearly from 0 to ``gamma`` over
@@ -144,25 +183,28 @@ class RatePenalizedObjective(WrappedObjective):
 
     def __call__(self, model_fn, params, model_state, x, y, key):
         loss, (new_state, metrics) = self.objective(model_fn, params, model_state, x, y, key)
-        penalty = rate_penalty(params["rate_logits"], self.sizes, self.kmin, self.target)
+        penalty = rate_penalty(params["rate_logits"], self.sizes, self.kmin, self.target,
+                               self.granularity)
         total = loss + self.gamma_at(model_state["step"]) * penalty
         new_state = {**new_state, "step": model_state["step"] + 1}
         return total, (new_state, {**metrics, "loss": total, "rate_penalty": penalty,
                                    "density": density(params["rate_logits"], self.sizes,
-                                                      self.kmin)})
+                                                      self.kmin, self.granularity)})
 
 
 def make_objective(objective, scores, target: float, alpha: float, gamma: float,
-                   num_steps: int) -> RatePenalizedObjective:
+                   num_steps: int, granularity: str = "weight") -> RatePenalizedObjective:
     """HARP's score-phase objective: ``objective`` (e.g. PGD-AT) plus γ(step) times the penalty
     max(density / target − 1, 0), for rate logits shaped like ``scores``' layers; keep rates
-    never fall below k_min = ``alpha`` · ``target``. ValueError on a bad setting, before compute."""
+    never fall below k_min = ``alpha`` · ``target`` (at granularity "channel" the ``output``
+    layer's is 1). ValueError on a bad setting, before compute."""
     target, alpha = check_settings(target, alpha)
     check_number("gamma", gamma, 0)
+    criteria.check_granularity(granularity)
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} is invalid; the score phase needs >= 1 step.")
     return RatePenalizedObjective(objective, tuple(_sizes(scores)), alpha * target, target,
-                                  float(gamma), num_steps)
+                                  float(gamma), num_steps, granularity)
 
 
 def create_score_state(weights, model_state, scores, rate_logits,
@@ -183,20 +225,25 @@ def score_optimizer(scores_tx: optax.GradientTransformation,
                                  {"scores": "scores", "rate_logits": "rate_logits"})
 
 
-def learned_rates(rate_logits, kmin: float) -> dict[str, float]:
+def learned_rates(rate_logits, kmin: float, granularity: str = "weight") -> dict[str, float]:
     """{layer: keep rate} the score phase learned (host floats)."""
-    return {masks_lib.layer_name(name): float(keep_rate(r, kmin))
-            for name, r in masks_lib.mask_leaves(rate_logits).items()}
+    return {masks_lib.layer_name(name): float(k)
+            for name, k in masks_lib.mask_leaves(keep_rates(rate_logits, kmin,
+                                                            granularity)).items()}
 
 
-def rates_meeting_target(rates: dict[str, float], sizes: dict[str, int],
-                         target: float) -> dict[str, float]:
+def rates_meeting_target(rates: dict[str, float], sizes: dict[str, int], target: float,
+                         fixed: tuple[str, ...] = ()) -> dict[str, float]:
     """``rates`` scaled by one factor c (each capped at 1) so that Σ n_l k_l = target · Σ n_l:
-    the learned allocation between layers, at exactly the target sparsity. Bisection on c."""
+    the learned allocation between layers, at exactly the target sparsity. Bisection on c. The
+    ``fixed`` layers keep their rate (they count towards the target, unscaled)."""
     total = sum(sizes.values())
 
+    def scaled(layer, k, c):
+        return k if layer in fixed else min(1.0, c * k)
+
     def kept(c):
-        return sum(sizes[l] * min(1.0, c * k) for l, k in rates.items())
+        return sum(sizes[l] * scaled(l, k, c) for l, k in rates.items())
 
     low, high = 0.0, 1.0
     while kept(high) < target * total and high < 1e12:
@@ -204,18 +251,21 @@ def rates_meeting_target(rates: dict[str, float], sizes: dict[str, int],
     for _ in range(200):
         mid = 0.5 * (low + high)
         low, high = (mid, high) if kept(mid) <= target * total else (low, mid)
-    return {l: min(1.0, low * k) for l, k in rates.items()}
+    return {l: scaled(l, k, low) for l, k in rates.items()}
 
 
-def final_mask(scores, rate_logits, target: float, alpha: float):
+def final_mask(scores, rate_logits, target: float, alpha: float, granularity: str = "weight"):
     """(mask, learned rates, final rates): the top scores of each layer at the learned rates,
-    scaled by one factor to meet ``target`` exactly (see :func:`rates_meeting_target`)."""
+    scaled by one factor to meet ``target`` exactly (see :func:`rates_meeting_target`); at
+    granularity "channel" the top channels by summed score, ``output`` whole (its rate 1)."""
     kmin = k_min(target, alpha)
-    learned = learned_rates(rate_logits, kmin)
+    learned = learned_rates(rate_logits, kmin, granularity)
     sizes = {masks_lib.layer_name(n): int(np.size(s))
              for n, s in masks_lib.mask_leaves(scores).items()}
-    final = rates_meeting_target(learned, sizes, target)
+    fixed = tuple(masks_lib.layer_name(n) for n in masks_lib.mask_leaves(scores)
+                  if _fixed_whole(n, granularity))
+    final = rates_meeting_target(learned, sizes, target, fixed)
     rates_tree = masks_lib.from_named_leaves(scores, {
         n: None if s is None else jnp.asarray(final[masks_lib.layer_name(n)], jnp.float32)
         for n, s in masks_lib.named_leaves(scores).items()})
-    return topk_at_rates(scores, rates_tree), learned, final
+    return topk_at_rates(scores, rates_tree, granularity), learned, final

@@ -44,7 +44,7 @@ def _check_fraction(value, what: str = "weights_remaining") -> float:
     return float(value)
 
 
-def _check_weights_remaining(value):
+def check_weights_remaining(value):
     """A fraction for every layer, or {layer name: fraction} (one per prunable layer)."""
     if isinstance(value, Mapping):
         return {layer: _check_fraction(v, f"weights_remaining[{layer!r}]")
@@ -79,7 +79,7 @@ def topk_mask(scores, weights_remaining, scope: str = "layerwise",
     filters / neurons ranked by their summed scores (``pruning.channels``; layerwise only, the
     ``output`` layer stays whole). Jittable.
     """
-    weights_remaining = _check_weights_remaining(weights_remaining)
+    weights_remaining = check_weights_remaining(weights_remaining)
     if scope not in pruning.SCOPES:
         raise ValueError(f"scope={scope!r} is invalid; allowed values: {pruning.SCOPES}.")
     if scope == "global" and isinstance(weights_remaining, dict):
@@ -114,7 +114,7 @@ def make_score_model_fn(model_fn: training.ModelFn, weights_remaining,
     (see :func:`create_score_state`): the weights ride along untouched and get no gradient, so
     ``training.make_train_loop(score_model_fn, tx, objective)`` trains the scores alone.
     """
-    weights_remaining = _check_weights_remaining(weights_remaining)
+    weights_remaining = check_weights_remaining(weights_remaining)
 
     def score_model_fn(scores, state, x, train):
         params = masked_weights(state["weights"], scores, weights_remaining, scope, granularity)

@@ -283,6 +283,12 @@ def _check_branches(config) -> None:
         _fail("branches.hydra.allocation", config.branches.hydra.allocation,
               "'level' or 'uniform' with config.prune.granularity = 'channel' (channels are "
               "ranked per layer)")
+    if ("radmm" in branches_lib.with_requirements(chosen, settings)
+            and config.prune.granularity == "channel"
+            and config.branches.radmm.scope != "layerwise"):
+        _fail("branches.radmm.scope", config.branches.radmm.scope,
+              "'layerwise' with config.prune.granularity = 'channel' (channels are ranked per "
+              "layer)")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -239,15 +239,17 @@ def _finish(layout: Layout, unit: Unit, outcome: fit_lib.FitOutcome) -> Trained:
 
 def forward_flops(ctx: Context, params, model_state, mask) -> int:
     """Matmul and convolution FLOPs of one forward pass on one image of the unit's network, with
-    its dead channels removed where `pruning.compact` applies (MLP, ConvNet), counted on the
-    jaxpr of XLA convolutions (a direct convolution's work)."""
-    model = ctx.model
+    its dead channels removed where `pruning.compact` applies (the feed-forward models), counted
+    on the jaxpr of XLA convolutions (a direct convolution's work)."""
+    model, model_state = ctx.model, dict(model_state or {})
     if "conv_impl" in getattr(model, "__dataclass_fields__", {}):
         model = model.clone(conv_impl="xla")
     if compact_lib.supports(model):
-        small = compact_lib.compact(model, params, mask)
+        small = compact_lib.compact(model, params, mask, model_state.get("batch_stats"))
         model, params = small.model, small.params
-    return flops.forward_flops(model, {"params": params, **(model_state or {})},
+        if small.batch_stats is not None:
+            model_state["batch_stats"] = small.batch_stats
+    return flops.forward_flops(model, {"params": params, **model_state},
                                ctx.dataset.train_images[:1])
 
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from sparse_robust import keys as keys_lib
 from sparse_robust.pruning import registry
+from sparse_robust.runs import fit as fit_lib
+from sparse_robust.runs import store
 from sparse_robust.runs import units as units_lib
 from sparse_robust.runs.fields import Field
 from sparse_robust.runs.layout import Layout, UnitFiles
@@ -76,6 +78,35 @@ class BranchRun:
         """Another branch's trained network at this level (it runs first, see ``requires``)."""
         return units_lib.load_trained(ctx or self.ctx, self.layout.unit(self.trial, self.level,
                                                                          name))
+
+    def fit_phase(self, folder: str, *, final: str, summary: str, like, tag: str,
+                  start: Callable[[Any], tuple["Context", Any]], saved: Callable[[Any], Any],
+                  extra: Callable[[Any], dict] = lambda outcome: {}) -> tuple[Any, dict]:
+        """Fit this branch's own phase before its fine-tuning (a score or ADMM phase) once, in
+        ``folder`` of its unit, and return (its saved tree, read as ``like``; its summary).
+
+        ``start(train_key)`` gives the phase's context and first train state (called only when
+        the phase is not done yet); it trains on this trial's data key, evaluated with the key
+        (tag, level, "eval") (its train key: (tag, level, "train")) and labelled by the tag in
+        progress lines. Its summary — steps,
+        early-stop step, train seconds and ``extra(outcome)`` — goes to ``summary`` and
+        ``saved(final state)`` to ``final``, written last, which marks the phase done: a resumed
+        run loads both instead of fitting again (a killed phase resumes from its checkpoint).
+        """
+        phase = self.files.phase(folder)
+        final_path, summary_path = phase.extra(final), phase.extra(summary)
+        if not store.exists(final_path):
+            ctx, state = start(self.key(tag, self.level, "train"))
+            label = f"trial {self.trial} level {self.level} {tag.replace('_', ' ')}"
+            [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
+                state=state, data_key=self.key("data"), eval_key=self.key(tag, self.level, "eval"),
+                files=phase, label=label)])
+            store.write_json(summary_path, {"steps": int(outcome.state.step),
+                                            "early_stop_step": outcome.best_step,
+                                            "train_seconds": outcome.train_seconds,
+                                            **extra(outcome)})
+            store.save_tree(final_path, saved(outcome.state))
+        return store.load_tree(final_path, like), store.read_json(summary_path)
 
     def train(self, start: tuple, mask, *, ctx: Optional["Context"] = None, trainable=None,
               **extra) -> units_lib.Trained:

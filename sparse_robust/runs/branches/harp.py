@@ -1,14 +1,16 @@
 """harp: HARP (Zhao & Wressnegger 2023): with the dense network's weights frozen, learn scores and
 per-layer keep rates under the rate penalty (its own phase, ``score_phase/``), keep each layer's
 top scores at the learned rates (scaled to the level's weights remaining), then fine-tune the
-weights under that mask. The record carries the learned and final rates per layer."""
+weights under that mask. The record carries the learned and final rates per layer.
+
+At the chain's granularity "channel" (``config.prune.granularity``) the scores and the final mask
+are of whole filters / neurons: each layer keeps the channels of highest summed score, its
+learned rate being the fraction of its channels kept; ``output`` stays whole (rate 1)."""
 
 from __future__ import annotations
 
 from sparse_robust import masks as masks_lib
 from sparse_robust.pruning import harp
-from sparse_robust.runs import fit as fit_lib
-from sparse_robust.runs import store
 from sparse_robust.runs.branches import Branch
 from sparse_robust.runs.fields import field, integer, number
 
@@ -17,10 +19,11 @@ def _score_context(b, target: float, scores):
     s = b.settings
     ctx = b.ctx.phase(s["num_steps"], s["learning_rate"])
     objective = harp.make_objective(b.ctx.objective, scores, target, s["alpha"], s["gamma"],
-                                    ctx.schedule.num_steps)
+                                    ctx.schedule.num_steps, b.granularity)
     rates_tx = ctx.make_optimizer(s["rate_learning_rate"])
     return ctx.derive(model_fn=harp.make_score_model_fn(b.ctx.model_fn,
-                                                        harp.k_min(target, s["alpha"])),
+                                                        harp.k_min(target, s["alpha"]),
+                                                        b.granularity),
                       objective=objective,
                       optimizer=harp.score_optimizer(ctx.optimizer, rates_tx))
 
@@ -29,27 +32,22 @@ def run(b):
     dense = b.chain(0)
     target = masks_lib.weights_remaining(b.chain(b.level).mask)
     s = b.settings
-    phase = b.files.phase("score_phase")
-    scores_path, summary_path = phase.extra("final_scores"), phase.extra("score_phase.json")
     scores = harp.init_scores(dense.params)
     logits = harp.init_rate_logits(masks_lib.create_mask(dense.params), target, s["alpha"])
     like = ({"scores": scores, "rate_logits": logits}, dense.model_state)
-    if not store.exists(scores_path):
+
+    def start(key):
         ctx = _score_context(b, target, scores)
-        state = harp.create_score_state(dense.params, dense.model_state, scores, logits,
-                                        ctx.optimizer, b.key("harp_scores", b.level, "train"))
-        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
-            state=state, data_key=b.key("data"), eval_key=b.key("harp_scores", b.level, "eval"),
-            files=phase, label=f"trial {b.trial} level {b.level} harp scores")])
-        store.write_json(summary_path, {"steps": int(outcome.state.step),
-                                        "early_stop_step": outcome.best_step,
-                                        "train_seconds": outcome.train_seconds})
-        store.save_tree(scores_path, (outcome.state.params,
-                                      outcome.state.model_state["model_state"]))
-    learned, model_state = store.load_tree(scores_path, like)
+        return ctx, harp.create_score_state(dense.params, dense.model_state, scores, logits,
+                                            ctx.optimizer, key)
+
+    (learned, model_state), summary = b.fit_phase(
+        "score_phase", final="final_scores", summary="score_phase.json", like=like,
+        tag="harp_scores", start=start,
+        saved=lambda state: (state.params, state.model_state["model_state"]))
     mask, learned_rates, final_rates = harp.final_mask(learned["scores"], learned["rate_logits"],
-                                                       target, s["alpha"])
-    return b.train((dense.params, model_state), mask, score_phase=store.read_json(summary_path),
+                                                       target, s["alpha"], b.granularity)
+    return b.train((dense.params, model_state), mask, score_phase=summary,
                    harp_rates={"learned": learned_rates, "final": final_rates})
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from sparse_robust.pruning import hydra
 from sparse_robust import masks as masks_lib
-from sparse_robust.runs import fit as fit_lib
-from sparse_robust.runs import store
 from sparse_robust.runs.branches import Branch
 from sparse_robust.runs.branches.inherit import one_shot_mask
 from sparse_robust.runs.fields import choice, field, integer, number
@@ -49,24 +47,19 @@ def _score_context(b, weights_remaining, scope: str):
 def run(b):
     dense = b.chain(0)
     weights_remaining, scope = allocation(b, dense.params)
-    phase = b.files.phase("score_phase")
-    scores_path, summary_path = phase.extra("final_scores"), phase.extra("score_phase.json")
     like = (hydra.init_scores(dense.params), dense.model_state)
-    if not store.exists(scores_path):
+
+    def start(key):
         ctx = _score_context(b, weights_remaining, scope)
-        state = hydra.create_score_state(dense.params, dense.model_state, like[0], ctx.optimizer,
-                                         b.key("hydra_scores", b.level, "train"))
-        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
-            state=state, data_key=b.key("data"), eval_key=b.key("hydra_scores", b.level, "eval"),
-            files=phase, label=f"trial {b.trial} level {b.level} hydra scores")])
-        store.write_json(summary_path, {"steps": int(outcome.state.step),
-                                        "early_stop_step": outcome.best_step,
-                                        "train_seconds": outcome.train_seconds})
-        store.save_tree(scores_path, (outcome.state.params,
-                                      outcome.state.model_state["model_state"]))
-    scores, model_state = store.load_tree(scores_path, like)
+        return ctx, hydra.create_score_state(dense.params, dense.model_state, like[0],
+                                             ctx.optimizer, key)
+
+    (scores, model_state), summary = b.fit_phase(
+        "score_phase", final="final_scores", summary="score_phase.json", like=like,
+        tag="hydra_scores", start=start,
+        saved=lambda state: (state.params, state.model_state["model_state"]))
     mask = hydra.topk_mask(scores, weights_remaining, scope, b.granularity)
-    return b.train((dense.params, model_state), mask, score_phase=store.read_json(summary_path))
+    return b.train((dense.params, model_state), mask, score_phase=summary)
 
 
 BRANCH = Branch(

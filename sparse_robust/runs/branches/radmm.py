@@ -1,53 +1,61 @@
 """radmm: RADMM (Ye et al. 2019): adversarial training of the dense network under the ADMM
 penalty towards the level's weights remaining (its own phase, ``admm_phase/``), then hard
-pruning to Z's support and adversarial fine-tuning under that mask."""
+pruning to Z's support and adversarial fine-tuning under that mask.
+
+At the chain's granularity "channel" (``config.prune.granularity``; the ``scope`` setting must
+then be "layerwise", the config check says so) Z is the projection onto whole channels: each
+layer keeps as many filters / neurons as the chain's channel mask at that level, those of
+largest L2 norm of W + U, and the hard pruning keeps Z's channels."""
 
 from __future__ import annotations
 
 from sparse_robust import masks as masks_lib
 from sparse_robust import training
 from sparse_robust.pruning import radmm
-from sparse_robust.runs import fit as fit_lib
-from sparse_robust.runs import store
 from sparse_robust.runs.branches import Branch
 from sparse_robust.runs.fields import choice, field, integer, number
 
 
-def _admm_context(b, weights_remaining: float):
+def _admm_context(b, weights_remaining):
     s = b.settings
     ctx = b.ctx.phase(s["num_steps"], s["learning_rate"])
     steps_per_round = max(1, ctx.schedule.num_steps // s["rounds"])
     objective = radmm.make_objective(b.ctx.objective, weights_remaining, s["scope"], s["rho"],
-                                     s["rho_growth"], steps_per_round)
+                                     s["rho_growth"], steps_per_round, b.granularity)
     return ctx.derive(model_fn=radmm.make_model_fn(b.ctx.model_fn), objective=objective)
+
+
+def target(b):
+    """The weights remaining Z is projected onto: the level's fraction; at channel granularity
+    each layer's (its fraction of channels kept in the chain's channel mask)."""
+    level_mask = b.chain(b.level).mask
+    if b.granularity == "channel":
+        return masks_lib.layer_weights_remaining(level_mask)
+    return masks_lib.weights_remaining(level_mask)
 
 
 def run(b):
     dense = b.chain(0)
-    weights_remaining = masks_lib.weights_remaining(b.chain(b.level).mask)
+    weights_remaining = target(b)
     scope = b.settings["scope"]
-    phase = b.files.phase("admm_phase")
-    final_path, summary_path = phase.extra("final_admm"), phase.extra("admm_phase.json")
     every = masks_lib.create_mask(dense.params)
     like = (dense.params, radmm.init_state(dense.params, dense.model_state, every,
-                                           weights_remaining, scope))
-    if not store.exists(final_path):
+                                           weights_remaining, scope, b.granularity))
+
+    def start(key):
         ctx = _admm_context(b, weights_remaining)
-        state = training.create_train_state(like[0], like[1], ctx.optimizer, every,
-                                             b.key("radmm", b.level, "train"))
-        [outcome] = fit_lib.fit(ctx, [fit_lib.FitJob(
-            state=state, data_key=b.key("data"), eval_key=b.key("radmm", b.level, "eval"),
-            files=phase, label=f"trial {b.trial} level {b.level} radmm")])
-        residual = float(radmm.residual(outcome.state.params, outcome.state.model_state["admm"]))
-        store.write_json(summary_path, {"steps": int(outcome.state.step),
-                                        "early_stop_step": outcome.best_step,
-                                        "train_seconds": outcome.train_seconds,
-                                        "final_residual": residual})
-        store.save_tree(final_path, (outcome.state.params, outcome.state.model_state))
-    params, admm_state = store.load_tree(final_path, like)
-    mask = radmm.hard_prune_mask(admm_state["admm"], weights_remaining, scope)
-    return b.train((params, admm_state["model_state"]), mask,
-                   admm_phase=store.read_json(summary_path))
+        return ctx, training.create_train_state(like[0], like[1], ctx.optimizer, every, key)
+
+    def final_residual(outcome):
+        state = outcome.state
+        return {"final_residual": float(radmm.residual(state.params,
+                                                       state.model_state["admm"]))}
+
+    (params, admm_state), summary = b.fit_phase(
+        "admm_phase", final="final_admm", summary="admm_phase.json", like=like, tag="radmm",
+        start=start, saved=lambda state: (state.params, state.model_state), extra=final_residual)
+    mask = radmm.hard_prune_mask(admm_state["admm"], weights_remaining, scope, b.granularity)
+    return b.train((params, admm_state["model_state"]), mask, admm_phase=summary)
 
 
 BRANCH = Branch(

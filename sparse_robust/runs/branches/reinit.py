@@ -12,7 +12,7 @@ def fresh_init(b):
 
 
 def run(b):
-    mask = one_shot_mask(b.chain(0).params, b.chain(b.level).mask, b.scope)
+    mask = one_shot_mask(b.chain(0).params, b.chain(b.level).mask, b.scope, b.granularity)
     return b.train(fresh_init(b), mask)
 
 
