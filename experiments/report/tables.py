@@ -378,5 +378,5 @@ def _method_ranking(run: Run, robust, prefix: str) -> list[str]:
         sentences.append(
             f"{prefix}At {100 - remaining_percent(chain):.1f} % sparsity, robust accuracy (worst "
             f"case, %): " + "; ".join(shown(*s) for s in stats)
-            + f". {title(first)} is {verdict}.")
+            + f". {title(first)[0].upper() + title(first)[1:]} is {verdict}.")
     return sentences
