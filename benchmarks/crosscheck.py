@@ -117,11 +117,12 @@ def autoattack_stages(model_fn, params, net, images, labels, seed: int, runs: in
     both, the share of images on which they agree and the seconds and their ratio."""
     stages = attacks.autoattack_stages(EPS, "linf")
     logits_fn = lambda z: model_fn(params, {}, z, False)[0]  # One object: warm runs reuse programs.
-    ours = []
+    ours, evaluator = [], evaluation.Evaluator(model_fn, batch_size=len(images))
     for _ in range(runs):
         tic = time.perf_counter()
         clean, flags, seconds, _ = evaluate(model_fn, params, images, labels, stages,
-                                            jax.random.key(seed), len(images), logits_fn)
+                                            jax.random.key(seed), len(images), logits_fn,
+                                            evaluator)
         ours.append((flags, seconds, time.perf_counter() - tic))
     pieces = dict(zip(STAGES, their_attacks(net)["AutoAttack"].attacks))
     x = torch.from_numpy(np.asarray(images).reshape(-1, 1, 28, 28))
