@@ -2,8 +2,10 @@
 side (robust accuracy, per-example agreement, seconds), AutoAttack included.
 
 Needs the optional extra: ``pip install -e '.[crosscheck]'`` (torch, torchattacks; no test
-imports this file). Run: ``python -m benchmarks.crosscheck`` (the model is the one of
-``benchmarks/autoattack.py``, trained and cached on first use). On 2 CPU cores the PyTorch side
+imports this file). Run: ``python -m benchmarks.crosscheck`` (the model is one of
+``benchmarks/autoattack.py``'s, --model dense-300-100, ticket-1% or lenet-5, trained and cached on
+first use). ``--autoattack-stages`` runs only standard AutoAttack, stage by stage on both sides,
+with our cold and warm times per stage. On 2 CPU cores the PyTorch side
 takes tens of minutes for 1000 images, mostly in Square and AutoAttack; --expensive-images runs
 APGD-T, FAB-T, Square and AutoAttack on the first N images only.
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import time
 
 import jax
@@ -30,20 +31,10 @@ import numpy as np
 import torch
 import torchattacks
 
-from benchmarks.autoattack import EPS, load_or_train
+from benchmarks.autoattack import EPS, NETWORKS, default_steps, evaluate, network
 from benchmarks.common import print_rows
-from sparse_robust import attacks, data, evaluation, training
-
-
-def torch_model(params) -> torch.nn.Module:
-    """dense-300-100 (no biases, ReLU) in PyTorch with our kernels; it takes NCHW images."""
-    kernels = [np.asarray(params[name]["kernel"]) for name in ("dense_0", "dense_1", "output")]
-    layers = [torch.nn.Flatten()]
-    for i, kernel in enumerate(kernels):
-        linear = torch.nn.Linear(*kernel.shape, bias=False)
-        linear.weight.data = torch.from_numpy(kernel.T.copy())
-        layers += [linear] + ([torch.nn.ReLU()] if i < len(kernels) - 1 else [])
-    return torch.nn.Sequential(*layers).eval()
+from benchmarks.torch_peer import torch_model
+from sparse_robust import attacks, evaluation, training
 
 
 def our_attacks():
@@ -113,24 +104,95 @@ def run_theirs(attack, model, x, y):
     return robust, seconds
 
 
+# The reference chain's stages, named as ours (`attacks.autoattack_stages`).
+STAGES = {"apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "fab_t": "FAB-T", "square": "Square"}
+
+
+def autoattack_stages(model_fn, params, net, images, labels, seed: int, runs: int) -> None:
+    """Standard AutoAttack stage by stage on both sides, on the same images: ours through the
+    evaluator's stage driver (each stage on the points still robust, APGD-T and FAB-T target by
+    target on them; `runs` times: cold with compilation, then warm), the reference chain of
+    torchattacks pieces, each piece on the points its earlier pieces left robust (as fra31's
+    standard version and torchattacks.MultiAttack do). Prints per stage the robust accuracy of
+    both, the share of images on which they agree and the seconds and their ratio."""
+    stages = attacks.autoattack_stages(EPS, "linf")
+    logits_fn = lambda z: model_fn(params, {}, z, False)[0]  # One object: warm runs reuse programs.
+    ours, evaluator = [], evaluation.Evaluator(model_fn, batch_size=len(images))
+    for _ in range(runs):
+        tic = time.perf_counter()
+        clean, flags, seconds, _ = evaluate(model_fn, params, images, labels, stages,
+                                            jax.random.key(seed), len(images), logits_fn,
+                                            evaluator)
+        ours.append((flags, seconds, time.perf_counter() - tic))
+    pieces = dict(zip(STAGES, their_attacks(net)["AutoAttack"].attacks))
+    x = torch.from_numpy(np.asarray(images).reshape(-1, 1, 28, 28))
+    y = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    tic = time.perf_counter()
+    with torch.no_grad():
+        robust = (net(x).argmax(1) == y).numpy()
+    theirs = {}
+    for stage, piece in pieces.items():
+        rows = np.flatnonzero(robust)
+        start = time.perf_counter()
+        if len(rows):
+            adversarial = piece(x[rows], y[rows])
+            with torch.no_grad():
+                robust[rows] = (net(adversarial).argmax(1) == y[rows]).numpy()
+        theirs[stage] = (robust.copy(), time.perf_counter() - start)
+    their_total = time.perf_counter() - tic
+    table = []
+    for index, stage in enumerate(STAGES):
+        row = {"stage": STAGES[stage], "ours acc": ours[0][0][stage].mean(),
+               "torch acc": theirs[stage][0].mean(),
+               "agree": np.mean(ours[-1][0][stage] == theirs[stage][0]),
+               "torch s": theirs[stage][1], "ours cold s": ours[0][1][index]}
+        row["cold ratio"] = row["torch s"] / row["ours cold s"]
+        if runs > 1:
+            row.update({"ours warm s": ours[-1][1][index]})
+            row["warm ratio"] = row["torch s"] / row["ours warm s"]
+        table.append(row)
+    total = {"stage": "total (with clean pass)", "ours acc": ours[0][0]["square"].mean(),
+             "torch acc": theirs["square"][0].mean(),
+             "agree": np.mean(ours[-1][0]["square"] == theirs["square"][0]),
+             "torch s": their_total, "ours cold s": ours[0][2],
+             "cold ratio": their_total / ours[0][2]}
+    if runs > 1:
+        total.update({"ours warm s": ours[-1][2], "warm ratio": their_total / ours[-1][2]})
+    same_runs = all(np.array_equal(ours[0][0][s], run[0][s]) for run in ours for s in STAGES)
+    print(f"AutoAttack standard, L∞ ε {EPS}, true labels, {len(images)} images, clean accuracy "
+          f"{clean.mean():.4f}; our runs agree with each other per image: {same_runs}")
+    print_rows(table + [total], ["stage", "ours acc", "torch acc", "agree", "torch s",
+                                 "ours cold s", "cold ratio", "ours warm s", "warm ratio"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=os.path.expanduser(
-        "~/.cache/sparse_robust/dense-300-100_fashion_mnist_madry_eps0.1.msgpack"))
-    parser.add_argument("--train-steps", type=int, default=2500)
+    parser.add_argument("--model", default="dense-300-100", choices=NETWORKS,
+                        help="the network of benchmarks/autoattack.py (trained and cached there)")
+    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--autoattack-stages", action="store_true",
+                        help="only standard AutoAttack, stage by stage, on --expensive-images "
+                        "images: ours (cold, then warm) beside the torchattacks chain")
+    parser.add_argument("--runs", type=int, default=2, help="our runs with --autoattack-stages "
+                        "(1: cold only; 2: cold and warm)")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--expensive-images", type=int, default=1000,
                         help="images for APGD-T, FAB-T, Square and AutoAttack")
     parser.add_argument("--only", default="", help="comma-separated attack names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="PyTorch's intra-op threads (default: its own, one per core); on a "
+                        "machine loaded by other processes 1 thread can be faster")
     args = parser.parse_args()
 
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
-    dataset = data.load_dataset("fashion_mnist", source="idx", flatten=True)
-    model, params = load_or_train(dataset, args.weights, args.train_steps, args.seed)
+    model, params, dataset = network(args.model, default_steps(args.model, args.train_steps),
+                                     args.seed)
     model_fn = training.make_model_fn(model)
     images, labels = dataset.test_images[:args.num_images], dataset.test_labels[:args.num_images]
-    net = torch_model(params)
+    net = torch_model(args.model.replace("ticket-1%", "dense-300-100"), params).eval()
     with torch.no_grad():
         theirs = net(torch.from_numpy(images.reshape(-1, 1, 28, 28))).numpy()
     ours = np.asarray(model_fn(params, {}, images, False)[0])
@@ -140,6 +202,10 @@ def main() -> None:
     print(f"logits agree to {np.abs(ours - theirs).max():.2e}; clean accuracy {clean.mean():.4f} "
           f"(both: {np.mean(theirs.argmax(1) == labels):.4f})\n")
 
+    if args.autoattack_stages:
+        n = min(args.expensive_images, args.num_images)
+        autoattack_stages(model_fn, params, net, images[:n], labels[:n], args.seed, args.runs)
+        return
     mine, their = our_attacks(), their_attacks(net)
     if importlib.util.find_spec("autoattack") is not None:
         their["AutoAttack (fra31)"] = Fra31AutoAttack(net, args.seed)

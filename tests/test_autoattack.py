@@ -517,3 +517,23 @@ def test_run_passes_attacks_each_row_until_it_breaks():
     assert [rows for index, rows, _ in seen if index == 1] == [[1, 2, 3, 4], [5, 5]]
     assert [rows for index, rows, _ in seen if index == 2] == [[2, 3, 4, 5]]
     assert seen[-2:] == [(3, [3, 4], [33, 43]), (3, [5, 5], [53, 53])]
+
+
+def test_a_pass_keeps_its_chunk_size_while_few_rows_break():
+    """A pass on rows that fill a bucket but for at most an eighth runs as one padded chunk of
+    that bucket (its program is compiled already); more padding falls back to chunk_sizes."""
+    assert passes.pass_chunk_sizes(97, [12, 25, 50, 100]) == [(100, 97)]
+    assert passes.pass_chunk_sizes(100, [12, 25, 50, 100]) == [(100, 100)]
+    assert passes.pass_chunk_sizes(80, [12, 25, 50, 100]) == [(50, 50), (25, 25), (12, 5)]
+    assert passes.pass_chunk_sizes(5, [2, 4, 6]) == [(4, 4), (2, 1)]  # 6 would pad 1 > 5 // 8
+    x = np.arange(16, dtype=np.float32)[:, None]
+    seen = []
+
+    def pass_fn(xs, ys, start, index):
+        seen.append((index, len(xs)))
+        return xs[:, 0] >= 1  # row 0 breaks at the first pass
+
+    robust = passes.run_passes(pass_fn, lambda index: None, x, np.zeros(16, np.int32),
+                               passes=2, buckets=[4, 8, 16])
+    np.testing.assert_array_equal(robust, x[:, 0] >= 1)
+    assert seen == [(0, 16), (1, 16)]  # 15 rows padded to 16, not 8 + 4 + 3 (padded to 4)

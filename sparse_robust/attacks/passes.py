@@ -7,7 +7,7 @@ program with static shapes, every pass would run on every point (up to T·R time
 batch most of whose points break at the first target).
 
 `run_passes` is the host-side loop: before each pass it gathers the rows still robust and attacks
-them in chunks of fixed bucket sizes (`autoattack.chunk_sizes`), so one compiled program per
+them in chunks of fixed bucket sizes (`pass_chunk_sizes`), so one compiled program per
 bucket serves every pass (the pass index is a traced argument). A pass's random start is drawn
 for the whole batch as the one-program attack draws it (`start_of`) and then gathered, so a
 row's start, and therefore its result, is the one-program attack's.
@@ -75,6 +75,19 @@ def adversarial_of_pass(attack, logits_fn: LogitsFn, x, y, start, index):
     return apgd_pass(logits_fn, x, y, start, index, **_apgd_options(attack))
 
 
+def pass_chunk_sizes(count: int, buckets: Sequence[int]) -> list[tuple[int, int]]:
+    """(bucket size, real rows) of the chunks of one pass on `count` rows: a single chunk of the
+    smallest bucket that holds them when it pads at most an eighth of them, else
+    `autoattack.chunk_sizes`. A pass's rows shrink by a few at a time, so its chunks mostly keep
+    the size of the stage's chunk, whose program is compiled already: compiling a program costs
+    more than running the whole pass on a small batch (measured, benchmarks/README.md), and a
+    row's result does not depend on the chunk it is in."""
+    fitting = [b for b in buckets if b >= count]
+    if fitting and min(fitting) - count <= count // 8:
+        return [(min(fitting), count)]
+    return chunk_sizes(count, buckets)
+
+
 def run_passes(pass_fn: PassFn, start_fn: StartFn, x, y, *, passes: int,
                buckets: Sequence[int]) -> np.ndarray:
     """Runs `passes` passes on batch (x, y), each on the rows every earlier pass left correct,
@@ -84,7 +97,7 @@ def run_passes(pass_fn: PassFn, start_fn: StartFn, x, y, *, passes: int,
       pass_fn: ``pass_fn(x, y, start, index) -> still correct`` on a chunk of a bucket size;
         padding rows repeat the chunk's first real row.
       start_fn: ``start_fn(index)``: the starts of pass `index` for all B rows (or None).
-      buckets: the chunk sizes (`autoattack.chunk_sizes`); those above B are not used.
+      buckets: the chunk sizes (`pass_chunk_sizes`); those above B are not used.
     """
     x, y = np.asarray(x), np.asarray(y)
     robust = np.ones(len(x), bool)
@@ -95,7 +108,7 @@ def run_passes(pass_fn: PassFn, start_fn: StartFn, x, y, *, passes: int,
             break
         starts = start_fn(index)
         done = 0
-        for size, real in chunk_sizes(len(rows), usable):
+        for size, real in pass_chunk_sizes(len(rows), usable):
             chunk = rows[done:done + real]
             done += real
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - real)])
