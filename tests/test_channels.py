@@ -399,32 +399,39 @@ def test_a_channel_pruned_chain_records_shrinking_flops_and_the_report_shows_the
     assert "FLOPs (M)" in table and f"{flops[2] / 1e6:.2f}" in table
 
 
+def run_channel_chain(path, settings: dict) -> list[dict]:
+    """A tiny channel-granularity chain (lenet-300-100 x0.1 on synthetic 8x8 images, one level
+    at 60 % of the channels) with the branches and settings given, run end to end in ``path``."""
+    from conftest import set_field
+    from experiments.configs import base
+    from sparse_robust import data
+    from sparse_robust.runs import pipeline
+
+    config = base.get_config()
+    for dotted, value in {"progress": False, "num_trials": 1, "model.name": "lenet-300-100",
+                          "model.width_multiplier": 0.1, "train.objective": "natural",
+                          "train.num_steps": 4, "train.batch_size": 20, "eval.num_examples": 0,
+                          "eval.batch_size": 60, "eval.attacks": "fgsm",
+                          "eval.sanity_examples": 0, "prune.levels": 1,
+                          "prune.rates.default": 0.6, "prune.granularity": "channel",
+                          "retrain.num_steps": 2, "parallel.num_devices": 1, **settings}.items():
+        set_field(config, dotted, value)
+    dataset = data.make_synthetic(0, num_train=120, num_val=60, num_test=60,
+                                  image_shape=(8, 8, 1), flatten=True)
+    return pipeline.run(config, str(path), dataset=dataset)
+
+
 def test_the_hydra_branch_at_channel_granularity_keeps_the_channels_of_highest_summed_score(
         tmp_path):
     """config.prune.granularity = 'channel' reaches the hydra branch: its mask removes whole
     neurons and nothing else, as many per layer as the chain's channel mask at that level, and
     the kept ones are those of highest summed (saved, learned) score — checked in numpy."""
-    from conftest import set_field
-    from experiments.configs import base
-    from sparse_robust import data
-    from sparse_robust.runs import pipeline, store
+    from sparse_robust.runs import store
     from sparse_robust.runs.layout import Layout
 
-    config = base.get_config()
-    for dotted, value in {"progress": False, "num_trials": 1, "model.name": "lenet-300-100",
-                          "model.width_multiplier": 0.1, "train.objective": "natural",
-                          "train.num_steps": 4, "train.batch_size": 20, "eval.every": 4,
-                          "eval.num_examples": 0, "eval.batch_size": 60, "eval.attacks": "fgsm",
-                          "eval.sanity_examples": 0, "checkpoint_every": 4, "prune.levels": 1,
-                          "prune.rates.default": 0.6, "prune.granularity": "channel",
-                          "branches.names": "hydra", "branches.hydra.num_steps": 3,
-                          "branches.hydra.learning_rate": 0.1, "retrain.num_steps": 2,
-                          "parallel.num_devices": 1}.items():
-        set_field(config, dotted, value)
-    dataset = data.make_synthetic(0, num_train=120, num_val=60, num_test=60,
-                                  image_shape=(8, 8, 1), flatten=True)
-    pipeline.run(config, str(tmp_path), dataset=dataset)
-
+    run_channel_chain(tmp_path, {"eval.every": 4, "checkpoint_every": 4, "branches.names": "hydra",
+                                 "branches.hydra.num_steps": 3,
+                                 "branches.hydra.learning_rate": 0.1})
     layout = Layout(str(tmp_path))
     chain = store.read_mask_arrays(layout.unit(0, 1).mask)
     files = layout.unit(0, 1, "hydra")
@@ -454,29 +461,14 @@ def test_random_harp_radmm_and_inherit_branches_at_channel_granularity(tmp_path)
     keep the chain's channel count per layer (inherit: those of highest L1 norm of the dense
     weights; radmm: the top L2 norms of its saved Z), harp max(1, round(k · width)) at its final
     rates, the channels of highest summed saved score. Checked in numpy against saved trees."""
-    from conftest import set_field
-    from experiments.configs import base
-    from sparse_robust import data
-    from sparse_robust.runs import pipeline, store
+    from sparse_robust.runs import store
     from sparse_robust.runs.layout import Layout
 
-    config = base.get_config()
-    for dotted, value in {"progress": False, "num_trials": 1, "model.name": "lenet-300-100",
-                          "model.width_multiplier": 0.1, "train.objective": "natural",
-                          "train.num_steps": 4, "train.batch_size": 20, "eval.every": 2,
-                          "eval.num_examples": 0, "eval.batch_size": 60, "eval.attacks": "fgsm",
-                          "eval.sanity_examples": 0, "checkpoint_every": 2, "prune.levels": 1,
-                          "prune.rates.default": 0.6, "prune.granularity": "channel",
-                          "branches.names": "random,harp,radmm,inherit",
-                          "branches.harp.num_steps": 4, "branches.harp.learning_rate": 0.05,
-                          "branches.radmm.num_steps": 4, "branches.radmm.rounds": 2,
-                          "branches.radmm.scope": "layerwise", "retrain.num_steps": 2,
-                          "parallel.num_devices": 1}.items():
-        set_field(config, dotted, value)
-    dataset = data.make_synthetic(0, num_train=120, num_val=60, num_test=60,
-                                  image_shape=(8, 8, 1), flatten=True)
-    records = pipeline.run(config, str(tmp_path), dataset=dataset)
-
+    records = run_channel_chain(tmp_path, {
+        "eval.every": 2, "checkpoint_every": 2, "branches.names": "random,harp,radmm,inherit",
+        "branches.harp.num_steps": 4, "branches.harp.learning_rate": 0.05,
+        "branches.radmm.num_steps": 4, "branches.radmm.rounds": 2,
+        "branches.radmm.scope": "layerwise"})
     layout = Layout(str(tmp_path))
     chain = store.read_mask_arrays(layout.unit(0, 1).mask)
     dense, _ = store.load_tree_raw(layout.unit(0, 0).final_variables)

@@ -345,9 +345,10 @@ _DENSE_METHODS = ("dense", "inverse_inheritance", "scratch_large")  # not sparse
 
 
 def _method_ranking(run: Run, robust, prefix: str) -> list[str]:
-    """Where a run compares pruning methods: per pruned level, the sparse methods ranked by mean
-    worst-case robust accuracy, and whether the first is ahead of the second by more than the
-    larger of their two stds (else they are not separated by these trials)."""
+    """Where a run compares pruning methods (beyond the lottery ticket's controls): per pruned
+    level, the sparse methods ranked by mean worst-case robust accuracy, and whether the first
+    is ahead of the second by more than the larger of their two stds (else these trials do not
+    separate them)."""
     sentences = []
     for level in sorted({r["level"] for r in _compared(run)} - {0}):
         at_level = [r for r in _compared(run) if r["level"] == level]
@@ -355,8 +356,8 @@ def _method_ranking(run: Run, robust, prefix: str) -> list[str]:
         for record in at_level:
             if table_method(record) not in _DENSE_METHODS and robust(record) is not None:
                 groups.setdefault(table_method(record), []).append(100 * robust(record))
-        if len(groups) < 2:
-            continue
+        if len(groups) < 2 or not set(groups) - set(_CONTROLS) - {"lottery"}:
+            continue  # the lottery ticket and its controls alone: the sentence above says it
         stats = sorted(((name, *mean_std(values)) for name, values in groups.items()),
                        key=lambda s: -s[1])
         title = lambda name: METHOD_TITLES.get(name, name)
