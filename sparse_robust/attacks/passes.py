@@ -97,7 +97,7 @@ def run_passes(pass_fn: PassFn, start_fn: StartFn, x, y, *, passes: int,
       pass_fn: ``pass_fn(x, y, start, index) -> still correct`` on a chunk of a bucket size;
         padding rows repeat the chunk's first real row.
       start_fn: ``start_fn(index)``: the starts of pass `index` for all B rows (or None).
-      buckets: the chunk sizes (`pass_chunk_sizes`); those above B are not used.
+      buckets: the stage's bucket sizes, split by `pass_chunk_sizes`; those above B are not used.
     """
     x, y = np.asarray(x), np.asarray(y)
     robust = np.ones(len(x), bool)
