@@ -8,8 +8,8 @@ import numpy as np
 
 from experiments.report.load import (ACCURACY_FIELDS, METHOD_TITLES, WORST_CASE, Run,
                                      accuracy_getters, as_runs, attack_settings, attack_title,
-                                     level_groups, mean_std, method, method_rank, num_trials, remaining_percent,
-                                     resolve_attacks, table_method)
+                                     level_groups, mean_std, method, method_rank, num_trials,
+                                     remaining_percent, resolve_attacks, table_method)
 from sparse_robust.checks import check_choice
 
 FORMATS = ("markdown", "latex")
