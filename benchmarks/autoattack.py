@@ -27,6 +27,7 @@ from benchmarks.common import matmul_flops_per_second, print_rows
 from sparse_robust import attacks, data, evaluation, masks, models, objectives, pruning, training
 from sparse_robust.attacks import passes
 from sparse_robust.attacks.autoattack import run_stages
+from sparse_robust.models import sparse_execution
 
 EPS = 0.1
 
@@ -109,6 +110,24 @@ def network(name: str, train_steps: int, seed: int):
                            initial=(params, mask)), dataset)
 
 
+def our_model_fn(name: str, model, params, sparse_impl: str = "auto"):
+    """The model fn our side evaluates `name` with: the ticket's through
+    `sparse_execution.sparse_model_fn` on its nonzeros (as the engine evaluates a ticket;
+    "auto" runs its layers at <= 20 % density from their nonzeros), else the plain one."""
+    if name != "ticket-1%":
+        return training.make_model_fn(model)
+    mask = masks.map_prunable(lambda _, p: p != 0, masks.create_mask(params), params)
+    print(f"the ticket's dense layers run: {sparse_execution.sparse_impls(mask, sparse_impl)}")
+    return sparse_execution.sparse_model_fn(model, mask, sparse_impl)
+
+
+def add_sparse_impl_flag(parser) -> None:
+    parser.add_argument("--sparse-impl", default="auto", choices=sparse_execution.SPARSE_IMPLS,
+                        help="how our side runs ticket-1%%'s dense layers (the engine's "
+                        "model.sparse_impl, default auto: from their nonzeros where <= 20 %% "
+                        "alive); the reference runs the masked-dense network")
+
+
 def forward_flops(params) -> float:
     """Matmul FLOPs of one forward pass of one example through the dense layers."""
     return 2.0 * sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
@@ -164,6 +183,7 @@ def main() -> None:
     parser.add_argument("--mode", default="both", choices=["both", "compacted", "whole_batch"],
                         help="APGD-T/FAB-T target by target on the points still robust, every "
                         "target on every point (before issue 24), or both in one run")
+    add_sparse_impl_flag(parser)
     args = parser.parse_args()
 
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
@@ -178,7 +198,7 @@ def main() -> None:
 
     matmul_before = matmul_flops_per_second()
     print(f"matmul 2048x2048 float32: {matmul_before / 1e9:.1f} GFLOP/s\n")
-    model_fn = training.make_model_fn(model)
+    model_fn = our_model_fn(args.model, model, params, args.sparse_impl)
     logits_fn = lambda z: model_fn(params, {}, z, False)[0]
     modes = {"compacted": logits_fn, "whole batch": None}
     if args.mode != "both":

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 import torchattacks
 
-from benchmarks.autoattack import EPS, NETWORKS, default_steps, evaluate, network
+from benchmarks.autoattack import (EPS, NETWORKS, add_sparse_impl_flag, default_steps, evaluate,
+                                   network, our_model_fn)
 from benchmarks.common import print_rows
 from benchmarks.torch_peer import torch_model
-from sparse_robust import attacks, evaluation, training
+from sparse_robust import attacks, evaluation
 
 
 def our_attacks():
@@ -180,6 +181,7 @@ def main() -> None:
                         help="images for APGD-T, FAB-T, Square and AutoAttack")
     parser.add_argument("--only", default="", help="comma-separated attack names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    add_sparse_impl_flag(parser)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="PyTorch's intra-op threads (default: its own, one per core); on a "
                         "machine loaded by other processes 1 thread can be faster")
@@ -190,7 +192,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, params, dataset = network(args.model, default_steps(args.model, args.train_steps),
                                      args.seed)
-    model_fn = training.make_model_fn(model)
+    model_fn = our_model_fn(args.model, model, params, args.sparse_impl)
     images, labels = dataset.test_images[:args.num_images], dataset.test_labels[:args.num_images]
     net = torch_model(args.model.replace("ticket-1%", "dense-300-100"), params).eval()
     with torch.no_grad():
