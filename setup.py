@@ -47,8 +47,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["sparse_robust", "sparse_robust.*"]),
-    # The fused Winograd CPU kernel's source, built on first use (models/winograd_cpu.py).
-    package_data={"sparse_robust.models": ["winograd_cpu.cc"]},
+    # The CPU kernels' C++ sources and header, built on first use (models/native.py).
+    package_data={"sparse_robust.models": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -44,3 +44,14 @@ def test_version_has_one_source():
                          text=True, check=True).stdout.strip().splitlines()[-1]
     assert out == sr.__version__
     assert sr.__version__.count(".") == 2
+
+
+def test_an_installed_package_holds_the_sources_of_its_native_kernels(tmp_path):
+    """What a non-editable install copies (`build_py`) holds every C++ source and header the CPU
+    kernels are built from on first use (`models.native`)."""
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", f"--build-lib={tmp_path}"],
+                   cwd=ROOT, capture_output=True, text=True, check=True)
+    sources = [path.relative_to(ROOT) for path in (ROOT / "sparse_robust").rglob("*")
+               if path.suffix in (".cc", ".h")]
+    assert len(sources) >= 3  # sparse_cpu.cc, winograd_cpu.cc, native_parallel.h
+    assert [str(path) for path in sources if not (tmp_path / path).is_file()] == []
