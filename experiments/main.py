@@ -8,6 +8,8 @@ Re-running the same command resumes: finished levels are skipped and an interrup
 from its last checkpoint. A different config in the same workdir is refused unless --overwrite,
 which moves the old run aside (DIR.replaced-<time>); a directory that is not a workdir is never
 touched. When the run ends, the table is printed and plots are written to WORKDIR/report/.
+Compiled programs are kept in --compilation_cache (default ~/.cache/sparse_robust/xla), so the next
+process that needs one reads it instead of compiling it again.
 
 Several processes (one per host; or several on one machine) run one experiment together when
 each is given the same --coordinator_address=HOST:PORT (process 0's host and a free port) and
@@ -32,6 +34,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from sparse_robust import data as data_lib
+from sparse_robust.runs import compilation
 from sparse_robust.runs import errors
 from sparse_robust.runs import hosts
 from sparse_robust.runs import pipeline
@@ -57,6 +60,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this 
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout", hosts.Launch.heartbeat_timeout, "Multi-process run: seconds without "
     "news from a process after which it is declared dead and the others stop.", lower_bound=1)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", compilation.default_dir(), "Folder of the persistent XLA compilation "
+    "cache: a resumed run or the next config reads the programs compiled before instead of "
+    "compiling them again (same numbers). Empty: compile without a cache.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (errors.UserError, data_lib.DataError)
@@ -151,6 +158,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    try:
+        compilation.use_compilation_cache(_COMPILATION_CACHE.value)
+    except errors.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     launch = hosts.Launch(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                           _HEARTBEAT_TIMEOUT.value)
     joins = launch.explicit or config.parallel.distributed

@@ -291,8 +291,16 @@ def wait_for_holder(path, process, timeout=120):
 
 
 @pytest.fixture(scope="session", name="start_cli")
-def _start_cli():
-    return start_cli
+def _start_cli(tmp_path_factory):
+    """`start_cli` whose processes share this session's compilation cache, not ~/.cache."""
+    cache = str(tmp_path_factory.mktemp("compilation_cache"))
+
+    def start(config_file, path, *extra, env=None):
+        env = dict(os.environ if env is None else env)
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+        return start_cli(config_file, path, *extra, env=env)
+
+    return start
 
 
 @pytest.fixture(scope="session", name="wait_for")

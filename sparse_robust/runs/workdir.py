@@ -100,7 +100,8 @@ def decide(layout: Layout, inspection: Inspection, fields: dict, overwrite: bool
     return "replace"
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
+    """`path` or its nearest ancestor that exists."""
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
@@ -108,7 +109,7 @@ def _nearest_existing(path: str) -> str:
 
 def check_writable(layout: Layout) -> None:
     """The workdir (or the folder it will be created in) must be writable with some room."""
-    where = _nearest_existing(layout.root)
+    where = nearest_existing(layout.root)
     if not os.path.isdir(where):
         raise WorkdirError(f"cannot create --workdir={layout.root}: {where} is a file, not a "
                            "folder; choose another --workdir.")
