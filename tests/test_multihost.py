@@ -194,8 +194,11 @@ def test_a_process_that_dies_stops_the_other_within_the_timeout(
                                "this run (one has probably died: see its log)"), err
         assert "Traceback" not in err
     else:
-        # Process 0 also served the coordination: JAX's runtime stops the others itself.
-        assert "another task died" in err, err
+        # Process 0 also served the coordination: JAX's runtime stops the others itself, unless
+        # process 1 meets the closed connection at a collective operation first (a race).
+        noticed = [line for line in error_lines(err) if line.startswith(
+            "error: process 1 of 2 lost contact with the other processes of this run")]
+        assert "another task died" in err or noticed, err
 
 
 @pytest.mark.parametrize("foreign, process_1_extra, message", [
