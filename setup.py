@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "pillow>=10",  # tfds decodes images with it
     "safetensors>=0.4",  # sparse_robust.interop's checkpoint files (numpy API, no torch)
+    "filelock>=3.12",  # JAX's compilation cache locks its folder when it bounds its size
 ]
 
 EXTRAS_REQUIRE = {
