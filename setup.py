@@ -49,7 +49,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["sparse_robust", "sparse_robust.*"]),
     # The CPU kernels' C++ sources and header, built on first use (models/native.py).
-    package_data={"sparse_robust.models": ["*.cc", "*.h"]},
+    package_data={"sparse_robust.models": ["*.cc", "*.h"], "sparse_robust.attacks": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

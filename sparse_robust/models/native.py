@@ -1,14 +1,14 @@
 """Build, cache and register the library's C++ CPU kernels (XLA FFI handlers).
 
-Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `sparse_cpu.cc`, both
-including `native_parallel.h`), built on first use with the machine's C++ compiler (`$CXX`, else
-`c++`) against this jaxlib's FFI headers, for this CPU (`-march=native`), and kept in
-`cache_dir()` under a name that hashes everything the binary depends on (`cache_key`): the source
-and the headers beside it, jaxlib's version, the compiler, the flags and the CPU's instruction-set
-features. The features matter because `-march=native` emits every instruction the building CPU
-has: on a cluster whose nodes share a home directory, a library built on a newer node would die
-of an illegal instruction on an older one; with the features in the key, each kind of node builds
-and finds its own.
+Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `sparse_cpu.cc`,
+`attacks/fab_cpu.cc`, all including `native_parallel.h`), built on first use with the machine's
+C++ compiler (`$CXX`, else `c++`) against this jaxlib's FFI headers, for this CPU
+(`-march=native`), and kept in `cache_dir()` under a name that hashes everything the binary
+depends on (`cache_key`): the source and the headers it may include, jaxlib's version, the
+compiler, the flags and the CPU's instruction-set features. The features matter because
+`-march=native` emits every instruction the building CPU has: on a cluster whose nodes share a
+home directory, a library built on a newer node would die of an illegal instruction on an older
+one; with the features in the key, each kind of node builds and finds its own.
 
 `load(source, targets)` builds, loads and registers the handlers as the CPU lowering of their
 primitives, once per process, and answers None or why the kernel cannot run here (no compiler,
@@ -71,8 +71,10 @@ def library_path(source: Path, compiler: str) -> Path:
     """Where the build of `source` by `compiler` for this CPU is (or will be) cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    # The source and the headers beside it that it may include (native_parallel.h).
-    text = "\0".join(path.read_text() for path in [source, *sorted(source.parent.glob("*.h"))])
+    # The source and the headers it may include: those beside it and the shared ones beside this
+    # module (native_parallel.h), which kernels in other folders include by relative path.
+    headers = sorted({*source.parent.glob("*.h"), *Path(__file__).parent.glob("*.h")})
+    text = "\0".join(path.read_text() for path in [source, *headers])
     key = cache_key(source=text, jaxlib_version=jaxlib.__version__,
                     compiler_version=version, flags=FLAGS, cpu=cpu_features(compiler))
     return cache_dir() / f"{source.stem}-{key}.so"
