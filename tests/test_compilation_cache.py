@@ -104,6 +104,7 @@ def test_a_cache_folder_inside_a_file_is_one_line_and_nothing_is_created(
 
 def test_the_default_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("SPARSE_ROBUST_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compilation.default_dir() == os.path.join(str(tmp_path), "sparse_robust", "xla")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))

@@ -13,7 +13,6 @@
 // more than the model's passes cost; here a row stays in cache from start to end.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -26,7 +25,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using sparse_robust::load16;
-using sparse_robust::store16;
 using sparse_robust::v16;
 
 typedef int32_t vi16 __attribute__((vector_size(64)));

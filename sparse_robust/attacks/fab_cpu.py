@@ -54,9 +54,13 @@ def _batch(args, dims, **params):
     return out.reshape(size, rows, dim), 0
 
 
+@functools.cache
+def _compiled(**params):
+    return jax.jit(functools.partial(project_p.bind, **params))
+
+
 project_p = Primitive("sparse_robust_fab_projection")
-project_p.def_impl(lambda *args, **params: jax.jit(functools.partial(project_p.bind, **params))(
-    *args))
+project_p.def_impl(lambda *args, **params: _compiled(**params)(*args))
 project_p.def_abstract_eval(lambda points, w, b, **_: jax.core.ShapedArray(points.shape,
                                                                             points.dtype))
 batching.primitive_batchers[project_p] = _batch

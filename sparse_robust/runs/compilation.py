@@ -15,6 +15,7 @@ from typing import Optional
 
 import jax
 
+from sparse_robust.models import native
 from sparse_robust.runs.errors import UserError
 from sparse_robust.runs.workdir import nearest_existing
 
@@ -26,11 +27,11 @@ MAX_BYTES = 4 << 30
 
 
 def default_dir() -> str:
-    """$JAX_COMPILATION_CACHE_DIR where set, else $XDG_CACHE_HOME/sparse_robust/xla (~/.cache)."""
+    """$JAX_COMPILATION_CACHE_DIR where set, else `xla` in the folder the CPU kernels are kept in
+    (`models.native.cache_dir()`: ~/.cache/sparse_robust by default)."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache_home, "sparse_robust", "xla")
+    return str(native.cache_dir() / "xla")
 
 
 def use_compilation_cache(path: str) -> Optional[str]:
