@@ -5,9 +5,15 @@ Each query proposes to change one random square window of the image and keeps th
 lowers the margin z_y − max_{i≠y} z_i. The window covers a fraction p(t) of the pixels that
 shrinks with the iteration t (`square_schedule`). Inputs are viewed as images [H, W, C]: a batch
 [B, H, W, C] as it is, [B, H, W] with one channel, and a flat batch [B, D] as √D×√D×1 unless
-``image_shape`` is given. Randomness is drawn per example (the reference draws one window for the
-whole batch, which makes an example's attack depend on its batch); query t uses
-``fold_in(key, t)``.
+``image_shape`` is given. Query t draws from ``fold_in(key, t)``: under L∞ one window for the
+whole batch, as the reference does, and a sign per example and channel; under L2 both windows per
+example.
+
+One window per query lets L∞ Square on a network whose first layer is dense on the flattened
+input (`dense_prefix`: an MLP) update that layer's output by the s² changed rows of its kernel
+instead of recomputing it, with the window's side static in each phase of the schedule. The
+proposals are the same either way; margins differ by float rounding only (the first layer's
+output is recomputed from x at the start of each phase, so rounding does not accumulate).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from sparse_robust.attacks import parts
+from sparse_robust.attacks.dense_prefix import DensePrefix, dense_prefix
 from sparse_robust.attacks.parts import LogitsFn
 from sparse_robust.losses import margin_parts
 
@@ -164,6 +171,11 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
     if norm == "linf":
         stripes = _random_signs(init_key, (batch, 1, width, channels), x.dtype)
         start = jnp.clip(clean + eps * stripes, clip_min, clip_max)
+        prefix = dense_prefix(logits_fn, x)
+        if prefix is not None:
+            x_best = _linf_incremental(prefix, y, clean, start, loop_key, eps, sides, clip_min,
+                                       clip_max)
+            return lax.stop_gradient(x_best.reshape(x.shape))
         propose = _linf_proposal(clean, eps, sides, clip_min, clip_max)
     else:
         start = _l2_start(init_key, clean, eps, clip_min, clip_max)
@@ -183,19 +195,75 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *, e
     return lax.stop_gradient(x_best.reshape(x.shape))
 
 
+def _linf_draw(key, side, batch: int, height: int, width: int, channels: int, dtype):
+    """Query's window corner (one for the batch) and signs (one per example and channel)."""
+    k_corner, k_sign = jax.random.split(key)
+    corner_h, corner_w = _random_corners(k_corner, side, 1, height, width)
+    return corner_h[0], corner_w[0], _random_signs(k_sign, (batch, 1, 1, channels), dtype)
+
+
 def _linf_proposal(clean, eps, sides, clip_min, clip_max):
     batch, height, width, channels = clean.shape
     sides = jnp.asarray(sides)
 
     def propose(key, t, x_best):
-        k_corner, k_sign = jax.random.split(key)
         side = sides[t]
-        window = _window(*_random_corners(k_corner, side, batch, height, width), side, height, width)
-        signs = _random_signs(k_sign, (batch, 1, 1, channels), clean.dtype)
+        corner_h, corner_w, signs = _linf_draw(key, side, batch, height, width, channels,
+                                               clean.dtype)
+        window = _window(corner_h[None], corner_w[None], side, height, width)
         # The reference adds 2ε·sign and projects; from a point of the ball that is x + ε·sign.
         return jnp.where(window, jnp.clip(clean + eps * signs, clip_min, clip_max), x_best)
 
     return propose
+
+
+def _phases(sides: np.ndarray) -> list[tuple[int, int, int]]:
+    """(side, first query, end) of each run of queries with the same window side."""
+    starts = [0] + [t for t in range(1, len(sides)) if sides[t] != sides[t - 1]]
+    return [(int(sides[a]), a, b) for a, b in zip(starts, starts[1:] + [len(sides)])]
+
+
+def _linf_incremental(prefix: DensePrefix, y, clean, start, loop_key, eps, sides, clip_min,
+                      clip_max):
+    """L∞ Square's query loop on a network ``rest(flat(x) @ kernel + bias)``: each query changes
+    one s×s window, so the first layer's output changes by (new − old window) @ the window's s²·C
+    kernel rows. Same proposals and acceptance as the `_linf_proposal` loop."""
+    batch, height, width, channels = clean.shape
+    kernel = prefix.kernel.reshape(height, width, channels, -1)
+
+    def margin(h):
+        true_logit, other_logit = margin_parts(prefix.rest(h), y)
+        return true_logit - other_logit
+
+    def phase(state, side, end):
+        def query(state):
+            t, x_best, h_best, margin_best = state
+            corner_h, corner_w, signs = _linf_draw(jax.random.fold_in(loop_key, t), side, batch,
+                                                   height, width, channels, clean.dtype)
+            corner = (0, corner_h, corner_w, 0)
+            old = lax.dynamic_slice(x_best, corner, (batch, side, side, channels))
+            new = jnp.clip(lax.dynamic_slice(clean, corner, old.shape) + eps * signs, clip_min,
+                           clip_max)
+            rows = lax.dynamic_slice(kernel, (corner_h, corner_w, 0, 0),
+                                     (side, side, channels, kernel.shape[-1]))
+            h_new = h_best + (new - old).reshape(batch, -1) @ rows.reshape(-1, kernel.shape[-1])
+            margin_new = margin(h_new)
+            take = (margin_best > 0) & (margin_new < margin_best)
+            x_best = lax.dynamic_update_slice(
+                x_best, jnp.where(take[:, None, None, None], new, old), corner)
+            return (t + 1, x_best, jnp.where(take[:, None], h_new, h_best),
+                    jnp.where(take, margin_new, margin_best))
+
+        t, x_best, _, margin_best = state
+        h_best = prefix.first(x_best)  # Exact again at each phase: no drift from rounding.
+        return lax.while_loop(lambda s: (s[0] < end) & jnp.any(s[3] > 0), query,
+                              (t, x_best, h_best, margin_best))
+
+    h_start = prefix.first(start)
+    state = (0, start, h_start, margin(h_start))
+    for side, _, end in _phases(sides):
+        state = phase(state, side, end)
+    return state[1]
 
 
 def _l2_start(key, clean, eps, clip_min, clip_max):
