@@ -7,7 +7,9 @@ trains the model, about a minute, and caches its weights under ~/.cache/sparse_r
 the points every earlier stage left robust (`sparse_robust.attacks.autoattack.run_stages`). The whole
 evaluation runs twice: "cold" includes XLA compilation, "warm" reuses the compiled programs.
 Achieved FLOP/s count the matmuls of the stage's forward and input-gradient passes analytically
-(Square's as if every chunk used all its queries, an upper bound; dense networks only), next to
+(Square's as if every chunk used all its queries and every query ran a whole forward pass: since
+Square updates a first dense layer by the changed window's rows only (`attacks.dense_prefix`), its
+figure is an effective rate that can exceed the machine's; dense networks only), next to
 the matmul FLOP/s of a 2048×2048 product measured in the same run. ``benchmarks/crosscheck.py
 --autoattack-stages`` runs the same stages beside the PyTorch reference.
 """

@@ -5,7 +5,9 @@ Needs the optional extra: ``pip install -e '.[crosscheck]'`` (torch, torchattack
 imports this file). Run: ``python -m benchmarks.crosscheck`` (the model is one of
 ``benchmarks/autoattack.py``'s, --model dense-300-100, ticket-1% or lenet-5, trained and cached on
 first use). ``--autoattack-stages`` runs only standard AutoAttack, stage by stage on both sides,
-with our cold and warm times per stage. On 2 CPU cores the PyTorch side
+with our cold and warm times per stage. ``--model-passes`` times one forward pass and one
+forward-and-input-gradient pass of the network on both sides: the passes every attack is made of,
+so their ratio bounds what an attack doing the same passes can gain. On 2 CPU cores the PyTorch side
 takes tens of minutes for 1000 images, mostly in Square and AutoAttack; --expensive-images runs
 APGD-T, FAB-T, Square and AutoAttack on the first N images only.
 
@@ -27,15 +29,16 @@ import importlib.util
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torchattacks
 
 from benchmarks.autoattack import (EPS, NETWORKS, add_sparse_impl_flag, default_steps, evaluate,
                                    network, our_model_fn)
-from benchmarks.common import print_rows
+from benchmarks.common import print_rows, time_fn
 from benchmarks.torch_peer import torch_model
-from sparse_robust import attacks, evaluation
+from sparse_robust import attacks, evaluation, losses
 
 
 def our_attacks():
@@ -166,6 +169,49 @@ def autoattack_stages(model_fn, params, net, images, labels, seed: int, runs: in
                                  "ours cold s", "cold ratio", "ours warm s", "warm ratio"])
 
 
+def _torch_seconds(fn, repeats: int = 5, calls: int = 20) -> float:
+    """Seconds per call of fn(): the best of `repeats` means over `calls` calls, after a warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - tic) / calls)
+    return best
+
+
+def model_passes(model_fn, params, net, images, labels, rows_list) -> None:
+    """Milliseconds of one forward pass (logits) and one forward-and-input-gradient pass (of the
+    summed cross-entropy) at each row count, ours (jitted, warm) beside the reference's model."""
+    logits = jax.jit(lambda x: model_fn(params, {}, x, False)[0])
+    grad = jax.jit(jax.grad(lambda x, y: jnp.sum(losses.cross_entropy(logits(x), y))))
+    table = []
+    for rows in rows_list:
+        x, y = np.asarray(images[:rows]), np.asarray(labels[:rows]).astype(np.int32)
+        tx = torch.from_numpy(x.reshape(-1, 1, 28, 28))
+        ty = torch.from_numpy(y.astype(np.int64))
+
+        def their_forward():
+            with torch.no_grad():
+                net(tx)
+
+        def their_gradient():
+            z = tx.clone().requires_grad_()
+            torch.autograd.grad(torch.nn.functional.cross_entropy(net(z), ty, reduction="sum"), z)
+
+        row = {"rows": len(x), "ours fwd ms": 1e3 * time_fn(logits, x, repeats=20),
+               "torch fwd ms": 1e3 * _torch_seconds(their_forward),
+               "ours fwd+grad ms": 1e3 * time_fn(grad, x, y, repeats=20),
+               "torch fwd+grad ms": 1e3 * _torch_seconds(their_gradient)}
+        row["fwd ratio"] = row["torch fwd ms"] / row["ours fwd ms"]
+        row["fwd+grad ratio"] = row["torch fwd+grad ms"] / row["ours fwd+grad ms"]
+        table.append(row)
+    print("one pass of the network, warm, best of repeats")
+    print_rows(table, ["rows", "torch fwd ms", "ours fwd ms", "fwd ratio", "torch fwd+grad ms",
+                       "ours fwd+grad ms", "fwd+grad ratio"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dense-300-100", choices=NETWORKS,
@@ -174,6 +220,9 @@ def main() -> None:
     parser.add_argument("--autoattack-stages", action="store_true",
                         help="only standard AutoAttack, stage by stage, on --expensive-images "
                         "images: ours (cold, then warm) beside the torchattacks chain")
+    parser.add_argument("--model-passes", default="",
+                        help="only time one forward and one forward+input-gradient pass on both "
+                        "sides, at these comma-separated row counts (e.g. 128,1000)")
     parser.add_argument("--runs", type=int, default=2, help="our runs with --autoattack-stages "
                         "(1: cold only; 2: cold and warm)")
     parser.add_argument("--num-images", type=int, default=1000)
@@ -204,6 +253,10 @@ def main() -> None:
     print(f"logits agree to {np.abs(ours - theirs).max():.2e}; clean accuracy {clean.mean():.4f} "
           f"(both: {np.mean(theirs.argmax(1) == labels):.4f})\n")
 
+    if args.model_passes:
+        model_passes(model_fn, params, net, images, labels,
+                     [int(rows) for rows in args.model_passes.split(",")])
+        return
     if args.autoattack_stages:
         n = min(args.expensive_images, args.num_images)
         autoattack_stages(model_fn, params, net, images[:n], labels[:n], args.seed, args.runs)
