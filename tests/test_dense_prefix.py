@@ -101,6 +101,15 @@ def test_refused_for_a_function_outside_flax():
     assert dense_prefix(lambda z: z.reshape(len(z), -1) @ kernel, _images(n=4)) is None
 
 
+def test_refused_for_a_forward_pass_jitted_on_its_own():
+    """jit replays its cached program without running the model's Python: a second trace would
+    not see the first layer, so nothing may be assumed of it."""
+    model, x = models.MLP(hidden_sizes=(8,)), _images(n=4)
+    params = model.init(jax.random.key(0), x)
+    apply = jax.jit(model.apply)
+    assert dense_prefix(lambda z: apply(params, z), x) is None
+
+
 @linux_x86
 def test_found_through_sparse_execution_with_the_masked_kernel():
     from sparse_robust.models.sparse_execution import sparse_model_fn

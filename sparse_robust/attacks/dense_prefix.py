@@ -90,6 +90,8 @@ def _depends(closed: core.ClosedJaxpr, sources: Sequence[bool]) -> list[bool]:
 def _reshapes_of_input(closed: core.ClosedJaxpr) -> bool:
     """Whether the single output of `closed` is its single input through reshapes only."""
     jaxpr = closed.jaxpr
+    if len(jaxpr.outvars) != 1:  # The call was not seen (e.g. a forward pass jitted on its own).
+        return False
     producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
     var = jaxpr.outvars[0]
     while isinstance(var, core.Var) and var in producer:
