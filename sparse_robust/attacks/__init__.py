@@ -3,7 +3,8 @@
 - `parts`: settings checks, objectives, norm-ball geometry, keeping the worst result per example;
 - `pgd`: FGSM and PGD (L∞ / L2);
 - `apgd`: APGD and APGD-T (Croce & Hein 2020, as the reference implementation runs them);
-- `fab`: FAB-T (`fab_cpu`: its projection as one CPU kernel); `square`: the Square attack;
+- `fab`: FAB-T (`fab_cpu`: its projection as one CPU kernel); `square`: the Square attack
+  (`dense_prefix`: a network's first dense layer, which Square updates by window);
   `fmn`: FMN, the minimum-norm attack;
 - `autoattack`: standard AutoAttack (its stages, the single-program version and the stage driver
   that attacks only the points still robust);
