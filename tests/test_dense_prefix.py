@@ -111,20 +111,30 @@ def test_refused_for_a_forward_pass_jitted_on_its_own():
 
 
 @linux_x86
-def test_found_through_sparse_execution_with_the_masked_kernel():
-    from sparse_robust.models.sparse_execution import sparse_model_fn
+@pytest.mark.parametrize("first_density", [0.05, 0.5])
+def test_through_sparse_execution_found_only_where_the_first_layer_runs_dense(first_density):
+    """Sparse execution runs a layer from its nonzeros at <= 20 % density: then the layer is cheap
+    already and is not a dense prefix; above it, the layer runs dense and the prefix is found,
+    with the masked kernel, while the later (sparse) layers stay in `rest`."""
+    from sparse_robust.models.sparse_execution import sparse_impls, sparse_model_fn
     model = models.MLP(hidden_sizes=(300, 100))
     x = _images()
     params, _ = training.init_variables(model, jax.random.key(0), x[:1])
     mask = masks.create_mask(params)
     named = masks.named_leaves(mask)
+    densities = {name: first_density if "dense_0" in name else 0.05 for name in named}
     mask = masks.from_named_leaves(mask, {
-        name: None if leaf is None else jax.random.uniform(jax.random.key(i), leaf.shape) < 0.05
+        name: None if leaf is None else jax.random.uniform(jax.random.key(i), leaf.shape) < densities[name]
         for i, (name, leaf) in enumerate(named.items())})
     params = masks.apply_mask(params, mask)
-    logits_fn, _ = _logits_fn(model, x, sparse_model_fn(model, mask, "sparse"), params)
+    runs_sparse = first_density <= 0.2
+    assert sparse_impls(mask) == {"dense_0": "sparse" if runs_sparse else "dense",
+                                  "dense_1": "sparse", "output": "sparse"}
+    logits_fn, _ = _logits_fn(model, x, sparse_model_fn(model, mask), params)
     prefix = dense_prefix(logits_fn, x)
-    assert prefix is not None
+    if runs_sparse:
+        assert prefix is None
+        return
     np.testing.assert_array_equal(prefix.kernel, params["dense_0"]["kernel"])
     np.testing.assert_allclose(prefix.rest(prefix.first(x)), logits_fn(x), atol=1e-5)
 

@@ -1,14 +1,16 @@
 """A model's first dense layer, read from its forward pass, so that an attack whose proposals
 change a few input features (Square's windows) can update that layer's output by the changed rows
 of its kernel instead of recomputing it: on dense-300-100 the first layer is 88 % of a forward
-pass.
+pass. A layer that runs from its nonzeros (`models.sparse_execution`) is cheap already, and is
+not one.
 
 ``dense_prefix(logits_fn, x)`` returns ``DensePrefix(kernel, bias, rest)`` when the forward pass
 of `logits_fn` on a batch like `x` is ``rest(x.reshape(B, -1) @ kernel + bias)``, and None
 otherwise. It does not trust a model's name: it checks, in the traced program, that
 
 - the first `flax.linen.Dense` call is a plain ``nn.Dense`` (default dot product and dtypes, the
-  kernel in x's dtype), so its output is ``flat(x) @ kernel + bias``;
+  kernel in x's dtype), so its output is ``flat(x) @ kernel + bias``, and it runs as a dense
+  product (a ``dot_general``; not a sparse kernel an inner interceptor put in its place);
 - that call's input is x through reshapes only (no normalisation, no transpose, no convolution
   before it);
 - the logits depend on x only through that call: with its output replaced by ``h``, they are a
@@ -48,6 +50,7 @@ class _FirstDense:
 
     def __init__(self, output=None):
         self.output, self.module, self.input, self.weights = output, None, None, None
+        self.result = None
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
@@ -59,6 +62,8 @@ class _FirstDense:
             self.weights = kernel, bias
             if self.output is not None:
                 return self.output
+            self.result = next_fun(*args, **kwargs)
+            return self.result
         return next_fun(*args, **kwargs)
 
 
@@ -102,6 +107,25 @@ def _reshapes_of_input(closed: core.ClosedJaxpr) -> bool:
     return var is jaxpr.invars[0]
 
 
+def _through_dot(closed: core.ClosedJaxpr) -> bool:
+    """Whether the single output of `closed` is computed through a dot_general."""
+    jaxpr = closed.jaxpr
+    if len(jaxpr.outvars) != 1:
+        return False
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    pending, seen = [jaxpr.outvars[0]], set()
+    while pending:
+        var = pending.pop()
+        eqn = producer.get(var) if isinstance(var, core.Var) else None
+        if eqn is None or id(eqn) in seen:
+            continue
+        if eqn.primitive.name == "dot_general":
+            return True
+        seen.add(id(eqn))
+        pending.extend(eqn.invars)
+    return False
+
+
 def dense_prefix(logits_fn: LogitsFn, x: jax.Array) -> Optional[DensePrefix]:
     """The first dense layer of `logits_fn` and the rest of it, or None (see the module
     docstring). Traces `logits_fn` a few times; computes nothing that XLA does not remove."""
@@ -113,6 +137,8 @@ def dense_prefix(logits_fn: LogitsFn, x: jax.Array) -> Optional[DensePrefix]:
     if not _plain(probe.module, kernel, x) or kernel.shape[0] != features:
         return None
     if not _reshapes_of_input(jax.make_jaxpr(lambda z: _run(logits_fn, z)[1].input)(x)):
+        return None
+    if not _through_dot(jax.make_jaxpr(lambda z: _run(logits_fn, z)[1].result)(x)):
         return None
     width = kernel.shape[1]
     h_like = jax.ShapeDtypeStruct((x.shape[0], width), x.dtype)
