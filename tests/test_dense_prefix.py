@@ -177,3 +177,22 @@ def test_square_keeps_the_box_and_stops_on_a_dense_prefix():
     x_adv = _square(logits_fn, x, wrong, jax.random.key(0), num_queries=50)
     assert np.all((x_adv >= 0) & (x_adv <= 1))
     np.testing.assert_array_equal(jnp.argmax(logits_fn(x_adv), -1) != wrong, True)
+
+
+@pytest.mark.parametrize("num_queries, p_init, rescale, side", [(5000, 0.8, False, 28),
+                                                                (400, 0.3, True, 28),
+                                                                (150, 0.3, True, 6)])
+def test_the_incremental_loops_cover_the_schedule_in_groups_within_a_factor_two(
+        num_queries, p_init, rescale, side):
+    sides = square_module._side_lengths(
+        attacks.square_schedule(num_queries, p_init, rescale), "linf", side, side)
+    groups = square_module._phase_groups(sides)
+    assert [first for _, first, _ in groups] == [0] + [end for _, _, end in groups[:-1]]
+    assert groups[-1][2] == num_queries
+    for largest, first, end in groups:
+        assert largest == sides[first:end].max() <= 2 * sides[first:end].min()
+    # Merging two neighbours would break the factor: the groups are as few as the rule allows.
+    for (a, first, _), (_, _, end) in zip(groups, groups[1:]):
+        assert a > 2 * sides[first:end].min()
+    if num_queries == 5000:  # AutoAttack's schedule on 28×28 images: 3 loops.
+        assert [largest for largest, _, _ in groups] == [25, 9, 4]
