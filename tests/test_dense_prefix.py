@@ -196,3 +196,17 @@ def test_the_incremental_loops_cover_the_schedule_in_groups_within_a_factor_two(
         assert a > 2 * sides[first:end].min()
     if num_queries == 5000:  # AutoAttack's schedule on 28×28 images: 3 loops.
         assert [largest for largest, _, _ in groups] == [25, 9, 4]
+
+
+def test_square_on_a_dense_prefix_under_vmap_equals_a_loop():
+    """ε grids and seeds are vmapped in sweeps: the incremental loop gives each mapped run what
+    a call of its own gives."""
+    x = _images(n=12)
+    logits_fn, _ = _logits_fn(models.MLP(hidden_sizes=(20,)), x)
+    y = jnp.argmax(logits_fn(x), -1)
+    run = lambda eps, key: attacks.square(logits_fn, x, y, key, eps=eps, num_queries=120)
+    eps, keys = jnp.array([0.02, 0.1]), jax.random.split(jax.random.key(6), 2)
+    mapped = jax.jit(jax.vmap(run))(eps, keys)
+    for i in range(2):
+        np.testing.assert_array_equal(mapped[i], run(eps[i], keys[i]))
+    assert not np.array_equal(mapped[0], mapped[1])
