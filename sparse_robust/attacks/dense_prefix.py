@@ -92,28 +92,19 @@ def _depends(closed: core.ClosedJaxpr, sources: Sequence[bool]) -> list[bool]:
     return [isinstance(v, core.Var) and v in reached for v in jaxpr.outvars]
 
 
-def _reshapes_of_input(closed: core.ClosedJaxpr) -> bool:
-    """Whether the single output of `closed` is its single input through reshapes only."""
-    jaxpr = closed.jaxpr
-    if len(jaxpr.outvars) != 1:  # The call was not seen (e.g. a forward pass jitted on its own).
-        return False
-    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
-    var = jaxpr.outvars[0]
+def _reshapes_of(producer: dict, var, source) -> bool:
+    """Whether `var` is `source` through reshapes only (`producer`: var -> its equation)."""
     while isinstance(var, core.Var) and var in producer:
         eqn = producer[var]
         if eqn.primitive.name != "reshape":
             return False
         var = eqn.invars[0]
-    return var is jaxpr.invars[0]
+    return var is source
 
 
-def _through_dot(closed: core.ClosedJaxpr) -> bool:
-    """Whether the single output of `closed` is computed through a dot_general."""
-    jaxpr = closed.jaxpr
-    if len(jaxpr.outvars) != 1:
-        return False
-    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
-    pending, seen = [jaxpr.outvars[0]], set()
+def _through_dot(producer: dict, var) -> bool:
+    """Whether `var` is computed through a dot_general (`producer`: var -> its equation)."""
+    pending, seen = [var], set()
     while pending:
         var = pending.pop()
         eqn = producer.get(var) if isinstance(var, core.Var) else None
@@ -136,9 +127,20 @@ def dense_prefix(logits_fn: LogitsFn, x: jax.Array) -> Optional[DensePrefix]:
     features = x.size // x.shape[0]
     if not _plain(probe.module, kernel, x) or kernel.shape[0] != features:
         return None
-    if not _reshapes_of_input(jax.make_jaxpr(lambda z: _run(logits_fn, z)[1].input)(x)):
+
+    def first_call(z):
+        # Its input and output as functions of x; both None where the call is not seen when
+        # traced again (a forward pass jitted on its own replays its cached program).
+        seen = _run(logits_fn, z)[1]
+        return seen.input, seen.result
+
+    call = jax.make_jaxpr(first_call)(x).jaxpr
+    if len(call.outvars) != 2:
         return None
-    if not _through_dot(jax.make_jaxpr(lambda z: _run(logits_fn, z)[1].result)(x)):
+    producer = {v: eqn for eqn in call.eqns for v in eqn.outvars}
+    call_input, call_output = call.outvars
+    if not (_reshapes_of(producer, call_input, call.invars[0])
+            and _through_dot(producer, call_output)):
         return None
     width = kernel.shape[1]
     h_like = jax.ShapeDtypeStruct((x.shape[0], width), x.dtype)
