@@ -169,21 +169,10 @@ def autoattack_stages(model_fn, params, net, images, labels, seed: int, runs: in
                                  "ours cold s", "cold ratio", "ours warm s", "warm ratio"])
 
 
-def _torch_seconds(fn, repeats: int = 5, calls: int = 20) -> float:
-    """Seconds per call of fn(): the best of `repeats` means over `calls` calls, after a warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - tic) / calls)
-    return best
-
-
 def model_passes(model_fn, params, net, images, labels, rows_list) -> None:
     """Milliseconds of one forward pass (logits) and one forward-and-input-gradient pass (of the
-    summed cross-entropy) at each row count, ours (jitted, warm) beside the reference's model."""
+    summed cross-entropy) at each row count, ours (jitted, warm) beside the reference's model,
+    both timed alike (`time_fn`: the best of 20 calls after a warm-up)."""
     logits = jax.jit(lambda x: model_fn(params, {}, x, False)[0])
     grad = jax.jit(jax.grad(lambda x, y: jnp.sum(losses.cross_entropy(logits(x), y))))
     table = []
@@ -201,9 +190,9 @@ def model_passes(model_fn, params, net, images, labels, rows_list) -> None:
             torch.autograd.grad(torch.nn.functional.cross_entropy(net(z), ty, reduction="sum"), z)
 
         row = {"rows": len(x), "ours fwd ms": 1e3 * time_fn(logits, x, repeats=20),
-               "torch fwd ms": 1e3 * _torch_seconds(their_forward),
+               "torch fwd ms": 1e3 * time_fn(their_forward, repeats=20),
                "ours fwd+grad ms": 1e3 * time_fn(grad, x, y, repeats=20),
-               "torch fwd+grad ms": 1e3 * _torch_seconds(their_gradient)}
+               "torch fwd+grad ms": 1e3 * time_fn(their_gradient, repeats=20)}
         row["fwd ratio"] = row["torch fwd ms"] / row["ours fwd ms"]
         row["fwd+grad ratio"] = row["torch fwd+grad ms"] / row["ours fwd+grad ms"]
         table.append(row)
