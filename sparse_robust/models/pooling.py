@@ -2,7 +2,8 @@
 
 `nn.max_pool` is `lax.reduce_window`, whose gradient (`select_and_scatter_add`) XLA:CPU lowers to
 four index arrays and a scatter: a third of a lenet-5 PGD step (benchmarks/README.md). Here the
-pool is a reshape and a max, and its gradient one masked broadcast, with the tie rule of
+pool is the elementwise maximum of each window's elements (slices of a free reshape), and its
+gradient a chain of selects over the same slices, with the tie rule of
 `select_and_scatter_add`: the first maximum of a window, in row-major order, takes all of the
 gradient. Outputs and gradients equal `nn.max_pool(x, window, strides=window, padding=padding)`.
 """
@@ -30,28 +31,30 @@ def max_pool(x: jax.Array, window: tuple[int, int], padding: str = "VALID") -> j
     return _pool(x[:, :height, :width], window)
 
 
-def _windows(x, window):
-    """(N, H, W, C) -> (N, H/wh, wh, W/ww, ww, C): a free reshape, no copy."""
+def _window_elements(x, window):
+    """The wh * ww elements of each window, in row-major order, each (N, H/wh, W/ww, C): slices
+    of a free reshape to (N, H/wh, wh, W/ww, ww * C), which XLA fuses into one pass."""
     n, h, w, c = x.shape
-    return x.reshape(n, h // window[0], window[0], w // window[1], window[1], c)
+    rows = x.reshape(n, h // window[0], window[0], w // window[1], window[1] * c)
+    return [rows[:, :, i, :, j * c:(j + 1) * c] for i in range(window[0]) for j in range(window[1])]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _pool(x, window):
-    return jnp.max(_windows(x, window), axis=(2, 4))
+    return functools.reduce(jnp.maximum, _window_elements(x, window))
 
 
 @_pool.defjvp
 def _pool_jvp(window, primals, tangents):
     (x,), (x_dot,) = primals, tangents
-    windows = _windows(x, window)
-    pooled = jnp.max(windows, axis=(2, 4), keepdims=True)
-    # Row-major position of each element in its window; the first maximum takes the tangent.
-    position = jnp.arange(window[0] * window[1]).reshape(1, 1, window[0], 1, window[1], 1)
-    first = jnp.min(jnp.where(windows == pooled, position, window[0] * window[1]), axis=(2, 4),
-                    keepdims=True)
-    pooled_dot = jnp.sum(jnp.where(position == first, _windows(x_dot, window), 0), axis=(2, 4))
-    return pooled[:, :, 0, :, 0], pooled_dot
+    elements = _window_elements(x, window)
+    pooled = functools.reduce(jnp.maximum, elements)
+    # The first maximum of the window, in row-major order, takes the tangent.
+    element_dots = _window_elements(x_dot, window)
+    pooled_dot = element_dots[-1]
+    for element, element_dot in zip(elements[-2::-1], element_dots[-2::-1]):
+        pooled_dot = jnp.where(element == pooled, element_dot, pooled_dot)
+    return pooled, pooled_dot
 
 
 def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
