@@ -12,7 +12,7 @@ from sparse_robust.models import Conv, conv_impls, resolve_conv_impl
 from sparse_robust.models.base import linear_layer_calls
 from sparse_robust.models.conv import WINOGRAD_MIN_CHANNELS
 from sparse_robust.models.patches import BANDED_MAX_COLUMNS
-from sparse_robust.models import winograd_cpu
+from sparse_robust.models import direct_cpu, winograd_cpu
 from sparse_robust.models.winograd import conv_winograd
 
 # (input shape HWC, Conv keyword arguments); out_width * features > BANDED_MAX_COLUMNS takes the
@@ -37,10 +37,12 @@ WINOGRAD_CASES = [
     ((14, 14, 32), dict(features=16, kernel_size=(3, 3), padding="SAME")),
     ((7, 9, 16), dict(features=32, kernel_size=(3, 3), padding="SAME")),  # winograd_cpu's too
 ]
-IMPLS = ["xla", "patches", "winograd", "winograd_cpu"]
+IMPLS = ["xla", "patches", "winograd", "winograd_cpu", "direct_cpu"]
 # What "winograd_cpu" resolves to on a layer it serves: the kernel where it could be built (on
-# Linux x86-64 it must be: tests/test_winograd_cpu.py), else the XLA-ops Winograd.
+# Linux x86-64 it must be: tests/test_winograd_cpu.py), else the XLA-ops Winograd; likewise
+# "direct_cpu" (tests/test_direct_cpu.py), else "patches".
 _KERNEL = "winograd_cpu" if winograd_cpu.available() else "winograd"
+_DIRECT = "direct_cpu" if direct_cpu.available() else "patches"
 
 
 def _case_id(case):
@@ -124,8 +126,9 @@ def test_conv_winograd_rejects_what_it_cannot_serve():
 
 @pytest.mark.parametrize("case, conv_impl", [(CASES[1], "patches"), (CASES[7], "patches"),
                                              (WINOGRAD_CASES[0], "winograd"),
-                                             (WINOGRAD_CASES[5], "winograd_cpu")],
-                         ids=["banded", "im2col", "winograd", "winograd_cpu"])
+                                             (WINOGRAD_CASES[5], "winograd_cpu"),
+                                             (CASES[0], "direct_cpu")],
+                         ids=["banded", "im2col", "winograd", "winograd_cpu", "direct_cpu"])
 def test_cpu_paths_under_vmap_and_scan(case, conv_impl):
     shape, kwargs = case
     xs = _random(0, (4, 2, *shape))
@@ -214,9 +217,23 @@ def test_resolve_conv_impl():
     same, fused = ((1, 1), (1, 1)), (3, 3, 16, 32)
     assert resolve_conv_impl("auto", "cpu") == "patches"  # a layer of unknown shape
     assert resolve_conv_impl("auto", "cpu", wide) == "winograd"
-    assert resolve_conv_impl("auto", "cpu", narrow) == "patches"
+    assert resolve_conv_impl("auto", "cpu", narrow) == "patches"  # padding unknown
+    assert resolve_conv_impl("auto", "cpu", narrow, padding=same) == _DIRECT
     assert resolve_conv_impl("auto", "cpu", wide, strides=(2, 2)) == "patches"
     assert resolve_conv_impl("auto", "cpu", (5, 5, 64, 8)) == "patches"
+    # "direct_cpu" where neither side has more than 16 channels, and the kernel serves the layer.
+    lenet = (5, 5, 6, 16), ((0, 0), (0, 0))
+    assert resolve_conv_impl("auto", "cpu", *lenet[:1], padding=lenet[1]) == _DIRECT
+    assert resolve_conv_impl("auto", "cpu", (5, 5, 6, 17), padding=lenet[1]) == "patches"
+    assert resolve_conv_impl("auto", "cpu", (5, 5, 17, 6), padding=lenet[1]) == "patches"
+    assert resolve_conv_impl("auto", "cpu", lenet[0], (2, 2), lenet[1]) == "patches"
+    assert resolve_conv_impl("auto", "cpu", (5, 4, 6, 16), padding=lenet[1]) == "patches"
+    assert resolve_conv_impl("auto", "cpu", lenet[0], padding=((5, 0), (0, 0))) == "patches"
+    assert resolve_conv_impl("auto", "cpu", *lenet[:1], padding=lenet[1],
+                             dtype=jnp.bfloat16) == "patches"
+    assert resolve_conv_impl("direct_cpu", "cpu", (3, 3, 64, 64), padding=same) == _DIRECT
+    assert resolve_conv_impl("direct_cpu", "gpu", (3, 3, 6, 16), padding=same) == "patches"
+    assert resolve_conv_impl("direct_cpu", "cpu", (3, 3, 6, 16)) == "patches"  # padding unknown
     assert resolve_conv_impl("auto", "cpu", fused, padding=same) == _KERNEL
     assert resolve_conv_impl("auto", "cpu", fused, padding=((0, 0), (0, 0))) == "winograd"
     assert resolve_conv_impl("auto", "cpu", fused, padding=same, dtype=jnp.bfloat16) == "winograd"
@@ -246,7 +263,7 @@ def test_resolve_conv_impl():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto resolves per backend")
 def test_conv_impls_reports_each_layer_on_cpu():
     x = np.zeros((1, 28, 28, 1), np.float32)
-    assert conv_impls(models.get_model("lenet-5"), x) == {"conv_0": "patches", "conv_1": "patches"}
+    assert conv_impls(models.get_model("lenet-5"), x) == {"conv_0": _DIRECT, "conv_1": _DIRECT}
     assert conv_impls(models.get_model("lenet-5", conv_impl="winograd"), x) == {
         "conv_0": "patches", "conv_1": "patches"}
     assert conv_impls(models.get_model("conv-4"), x) == {
@@ -271,7 +288,8 @@ def test_models_validate_conv_impl():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the auto loop depends on the backend")
 @pytest.mark.parametrize("conv_impl, scans", [("auto", True), ("patches", True), ("winograd", True),
-                                             ("winograd_cpu", True), ("xla", False)])
+                                             ("winograd_cpu", True), ("direct_cpu", True),
+                                             ("xla", False)])
 def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans):
     """config.model.conv_impl builds the run's model; "auto" scans unless XLA's convolutions run
     on CPU (their gradients are slow inside a scan)."""
@@ -286,7 +304,7 @@ def test_config_conv_impl_reaches_the_model_and_picks_the_loop(conv_impl, scans)
     dataset = data.make_synthetic(0, num_train=256, num_val=64, num_test=64,
                                   image_shape=(28, 28, 1))
     ctx = context.from_config(config, dataset)
-    want = "xla" if conv_impl == "xla" else "patches"
+    want = {"xla": "xla", "auto": _DIRECT, "direct_cpu": _DIRECT}.get(conv_impl, "patches")
     assert ctx.conv_impls == {"conv_0": want, "conv_1": want}
     assert ctx.scan == scans
     assert context.describe_compute(ctx) == (

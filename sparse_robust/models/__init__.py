@@ -3,8 +3,9 @@
 Every model is a `flax.linen.Module` called as `model.apply(variables, x, train=False)` on NHWC
 images in [0, 1] (MLPs also take flat (N, D) inputs) and returns logits. Its final layer is an
 `nn.Dense` named `output`. Models with batch norm keep running statistics in `batch_stats`.
-Every model takes `conv_impl` ("auto", "xla", "patches", "winograd", "winograd_cpu"): how its
-convolutions run (see `sparse_robust.models.conv`; `conv_impls` reports the choice per layer).
+Every model takes `conv_impl` ("auto", "xla", "patches", "winograd", "winograd_cpu",
+"direct_cpu"): how its convolutions run (see `sparse_robust.models.conv`; `conv_impls` reports
+the choice per layer).
 """
 
 import dataclasses

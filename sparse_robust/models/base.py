@@ -35,8 +35,8 @@ def linear_layer_calls(model: nn.Module, sample_input) -> list[tuple[str, nn.Mod
 
 
 def conv_impls(model: nn.Module, sample_input) -> dict[str, str]:
-    """{conv layer path: "xla", "patches", "winograd" or "winograd_cpu"}: how each convolution of
-    `model` runs on `sample_input` on the default backend (see `sparse_robust.models.conv`).
+    """{conv layer path: "xla", "patches", "winograd", "winograd_cpu" or "direct_cpu"}: how each
+    convolution of `model` runs on `sample_input` on the default backend (see `sparse_robust.models.conv`).
     Shapes only."""
     return {path: module.resolved_impl(shape) if isinstance(module, Conv) else "xla"
             for path, module, shape in linear_layer_calls(model, sample_input)
@@ -45,7 +45,7 @@ def conv_impls(model: nn.Module, sample_input) -> dict[str, str]:
 
 class Classifier(nn.Module):
     """Base of all models: `num_classes` outputs, hidden widths scaled by `width_multiplier`, and
-    `conv_impl` ("auto", "xla", "patches", "winograd" or "winograd_cpu", see
+    `conv_impl` ("auto", "xla", "patches", "winograd", "winograd_cpu" or "direct_cpu", see
     `sparse_robust.models.conv`) for the convolutions of models that have some.
 
     Subclasses implement `__call__(self, x, train: bool = False) -> logits` and name their final

@@ -11,9 +11,13 @@ diagnostics and inheritance see no difference. Its `conv_impl` picks how the con
 * "winograd_cpu": the same algorithm as one fused CPU kernel (`sparse_robust.models.winograd_cpu`)
   for 3x3, stride-1, SAME float32 layers with channel counts that are multiples of 16, on CPU
   where the kernel could be built; any other layer runs "winograd" instead;
+* "direct_cpu": a direct convolution with 16 images in a vector's lanes, as one CPU kernel
+  (`sparse_robust.models.direct_cpu`), for stride-1 float32 layers it serves, on CPU where the
+  kernel could be built; any other layer runs "patches" instead;
 * "auto" (default): on CPU "winograd_cpu" (else "winograd") for the 3x3 stride-1 layers with at
-  least `WINOGRAD_MIN_CHANNELS` input channels and "patches" for the others; "xla" on GPU and TPU
-  (see `resolve_conv_impl`).
+  least `WINOGRAD_MIN_CHANNELS` input channels, "direct_cpu" for the stride-1 layers of at most
+  `DIRECT_MAX_CHANNELS` channels in and out (LeNet-5's), and "patches" for the others; "xla" on
+  GPU and TPU (see `resolve_conv_impl`).
 
 `models.conv_impls(model, sample_input)` reports what each layer resolves to on this backend.
 """
@@ -27,29 +31,36 @@ from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from sparse_robust.checks import check_choice
-from sparse_robust.models import winograd_cpu
+from sparse_robust.models import direct_cpu, winograd_cpu
 from sparse_robust.models.patches import conv_patches
 from sparse_robust.models.winograd import conv_winograd, serves, transformed_kernel
 
-CONV_IMPLS = ("auto", "xla", "patches", "winograd", "winograd_cpu")
+CONV_IMPLS = ("auto", "xla", "patches", "winograd", "winograd_cpu", "direct_cpu")
 
 # "auto" runs a 3x3 stride-1 layer on CPU as "winograd" from this many input channels on: below
 # it, the transforms cost more than the multiplications they save.
 WINOGRAD_MIN_CHANNELS = 16
+# "auto" runs a layer on CPU as "direct_cpu" where neither its input nor its output has more
+# channels than this: LeNet-5's layers ran 2.4-3.7x faster forward and 1.7-2.5x for the input
+# gradient than "patches", a 3 -> 16 layer 6-8x; a 1 -> 64 layer's input gradient ran 2x
+# slower (benchmarks/README.md).
+DIRECT_MAX_CHANNELS = 16
 
 
 def resolve_conv_impl(conv_impl: str = "auto", backend: str | None = None,
                       kernel_shape=None, strides=(1, 1), padding=None, dtype=jnp.float32) -> str:
     """The path a layer with HWIO `kernel_shape`, `strides`, explicit (low, high) `padding` pairs
     and `dtype` takes on `backend` (default: `jax.default_backend()`): "xla", "patches",
-    "winograd" or "winograd_cpu".
+    "winograd", "winograd_cpu" or "direct_cpu".
 
     On CPU "auto" is "winograd_cpu" for the layers it serves (`winograd_cpu.serves`) when the
     kernel is available on one device, else "winograd", for 3x3 stride-1 kernels with at least
     `WINOGRAD_MIN_CHANNELS` input channels (conv-4's last three layers, measured faster inside
-    PGD's loop and scanned training), and "patches" for the others (XLA:CPU's convolutions lose
-    3-80x there). On GPU and TPU it is "xla". "winograd_cpu" where it cannot run is "winograd";
-    "winograd" on a layer it cannot serve (or of unknown `kernel_shape`) is "patches".
+    PGD's loop and scanned training); "direct_cpu" on one device for the layers it serves
+    (`direct_cpu.serves`) with at most `DIRECT_MAX_CHANNELS` channels in and out; and "patches"
+    for the others (XLA:CPU's convolutions lose 3-80x there). On GPU and TPU it is "xla".
+    "winograd_cpu" where it cannot run is "winograd"; "winograd" on a layer it cannot serve (or
+    of unknown `kernel_shape`) is "patches", and so is "direct_cpu" where it cannot run.
     """
     check_choice("conv_impl", conv_impl, CONV_IMPLS)
     backend = backend or jax.default_backend()
@@ -59,7 +70,17 @@ def resolve_conv_impl(conv_impl: str = "auto", backend: str | None = None,
             return "xla"
         winograd = winograd and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
         # Across devices XLA's partitioner cannot split an FFI call by batch; it would gather.
-        conv_impl = "winograd_cpu" if jax.device_count() == 1 else "winograd"
+        one_device = jax.device_count() == 1
+        if (not winograd and one_device and kernel_shape is not None
+                and max(kernel_shape[2:]) <= DIRECT_MAX_CHANNELS):
+            conv_impl = "direct_cpu"
+        else:
+            conv_impl = "winograd_cpu" if one_device else "winograd"
+    if conv_impl == "direct_cpu":
+        direct = (backend == "cpu" and kernel_shape is not None and padding is not None
+                  and direct_cpu.serves(kernel_shape, strides, padding, dtype)
+                  and direct_cpu.available())
+        return "direct_cpu" if direct else "patches"
     if conv_impl == "winograd_cpu":
         fused = (backend == "cpu" and winograd and padding is not None
                  and winograd_cpu.serves(kernel_shape, strides, padding, dtype)
@@ -69,12 +90,13 @@ def resolve_conv_impl(conv_impl: str = "auto", backend: str | None = None,
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` whose convolution runs as `conv_impl` says ("auto", "xla", "patches", "winograd"
-    or "winograd_cpu", see `resolve_conv_impl`).
+    """`nn.Conv` whose convolution runs as `conv_impl` says ("auto", "xla", "patches", "winograd",
+    "winograd_cpu" or "direct_cpu", see `resolve_conv_impl`).
 
-    "patches" and "winograd" serve 2-D convolutions with zero padding, no dilation and one feature
-    group on an NHWC batch ("winograd" 3x3 kernels with stride 1 only, others run "patches");
-    every other configuration, and "xla", runs `nn.Conv.__call__` unchanged.
+    "patches", "winograd" and "direct_cpu" serve 2-D convolutions with zero padding, no dilation
+    and one feature group on an NHWC batch ("winograd" 3x3 kernels with stride 1 only,
+    "direct_cpu" the layers `direct_cpu.serves`; others run "patches"); every other
+    configuration, and "xla", runs `nn.Conv.__call__` unchanged.
     """
 
     conv_impl: str = "auto"
@@ -84,8 +106,8 @@ class Conv(nn.Conv):
         super().__post_init__()
 
     def resolved_impl(self, input_shape) -> str:
-        """"xla", "patches", "winograd" or "winograd_cpu": the path a call on an input of
-        `input_shape` takes."""
+        """"xla", "patches", "winograd", "winograd_cpu" or "direct_cpu": the path a call on an
+        input of `input_shape` takes."""
         if not self._plain_2d(len(input_shape)):
             return "xla"
         strides = _pair(self.strides)
@@ -108,6 +130,8 @@ class Conv(nn.Conv):
         padding = self._pads(inputs.shape, strides)
         if impl == "winograd_cpu" and inputs.dtype == jnp.float32:
             y = winograd_cpu.conv3x3(inputs, transformed_kernel(kernel))
+        elif impl == "direct_cpu" and inputs.dtype == jnp.float32:
+            y = direct_cpu.conv(inputs, kernel, padding)
         else:
             conv = conv_patches if impl == "patches" else conv_winograd
             y = conv(inputs, kernel, strides, padding, self.precision)

@@ -57,8 +57,10 @@ FIELDS: tuple[Field, ...] = (
     field("model.conv_impl", choice(models_lib.CONV_IMPLS),
           "How convolutions run: xla, patches (one matmul over patches), winograd (3x3 stride "
           "1, in XLA ops), winograd_cpu (the same as one fused CPU kernel, built on first use), "
-          "or auto (on CPU winograd_cpu, else winograd, where they serve >= 16 input channels, "
-          "else patches; xla on GPU/TPU)."),
+          "direct_cpu (a direct stride-1 convolution as one CPU kernel, for few channels), or "
+          "auto (on CPU winograd_cpu, else winograd, where they serve >= 16 input channels, "
+          "direct_cpu for stride-1 layers of <= 16 channels in and out, else patches; xla on "
+          "GPU/TPU)."),
     field("model.sparse_impl", choice(sparse_execution.SPARSE_IMPLS),
           "How a trained ticket's dense layers run in its final evaluation: dense (masked "
           "weights), sparse (only the nonzeros, a C++ kernel on CPU), or auto (sparse for layers "
