@@ -1,9 +1,9 @@
 """Build, cache and register the library's C++ CPU kernels (XLA FFI handlers).
 
-Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `sparse_cpu.cc`,
-`attacks/fab_cpu.cc`, all including `native_parallel.h`), built on first use with the machine's
-C++ compiler (`$CXX`, else `c++`) against this jaxlib's FFI headers, for this CPU
-(`-march=native`), and kept in `cache_dir()` under a name that hashes everything the binary
+Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `direct_cpu.cc`,
+`pool_cpu.cc`, `sparse_cpu.cc`, `attacks/fab_cpu.cc`, all including `native_parallel.h`), built
+on first use with the machine's C++ compiler (`$CXX`, else `c++`) against this jaxlib's FFI
+headers, for this CPU (`-march=native`), and kept in `cache_dir()` under a name that hashes everything the binary
 depends on (`cache_key`): the source and the headers it may include, jaxlib's version, the
 compiler, the flags and the CPU's instruction-set features. The features matter because
 `-march=native` emits every instruction the building CPU has: on a cluster whose nodes share a

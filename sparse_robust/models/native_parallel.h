@@ -1,6 +1,6 @@
-// Pieces shared by the library's C++ CPU kernels (winograd_cpu.cc, sparse_cpu.cc): 16-float
-// vectors and a parallel loop over XLA's intra-op thread pool. native.py hashes this header
-// into every kernel's cache key.
+// Pieces shared by the library's C++ CPU kernels (winograd_cpu.cc, direct_cpu.cc, pool_cpu.cc,
+// sparse_cpu.cc, attacks/fab_cpu.cc): 16-float vectors and a parallel loop over XLA's intra-op
+// thread pool. native.py hashes this header into every kernel's cache key.
 #ifndef SPARSE_ROBUST_NATIVE_PARALLEL_H_
 #define SPARSE_ROBUST_NATIVE_PARALLEL_H_
 

@@ -1,20 +1,22 @@
-"""Max-pooling over non-overlapping windows as a reshape and a max.
+"""Max-pooling over non-overlapping windows, and PyTorch's adaptive average pooling.
 
 `nn.max_pool` is `lax.reduce_window`, whose gradient (`select_and_scatter_add`) XLA:CPU lowers to
 four index arrays and a scatter: a third of a lenet-5 PGD step (benchmarks/README.md). Here the
-pool is the elementwise maximum of each window's elements (slices of a free reshape), and its
-gradient a chain of selects over the same slices, with the tie rule of
-`select_and_scatter_add`: the first maximum of a window, in row-major order, takes all of the
-gradient. Outputs and gradients equal `nn.max_pool(x, window, strides=window, padding=padding)`.
+pool is `pool_cpu`'s primitives: on one CPU device, for 2x2 windows of at most 16 channels, a
+kernel that reads each window once, forward and for its gradient; elsewhere XLA ops (the maximum
+of each window's elements, slices of a free reshape, and a chain of selects over them). The tie
+rule is `select_and_scatter_add`'s: the first maximum of a window, in row-major order, takes all
+of the gradient. Outputs and gradients equal `nn.max_pool(x, window, strides=window,
+padding=padding)`.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from sparse_robust.models import pool_cpu
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], padding: str = "VALID") -> jax.Array:
@@ -28,33 +30,7 @@ def max_pool(x: jax.Array, window: tuple[int, int], padding: str = "VALID") -> j
     pads = lax.padtype_to_pads(x.shape[1:3], window, window, padding)
     x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     height, width = (size // w * w for size, w in zip(x.shape[1:3], window))
-    return _pool(x[:, :height, :width], window)
-
-
-def _window_elements(x, window):
-    """The wh * ww elements of each window, in row-major order, each (N, H/wh, W/ww, C): slices
-    of a free reshape to (N, H/wh, wh, W/ww, ww * C), which XLA fuses into one pass."""
-    n, h, w, c = x.shape
-    rows = x.reshape(n, h // window[0], window[0], w // window[1], window[1] * c)
-    return [rows[:, :, i, :, j * c:(j + 1) * c] for i in range(window[0]) for j in range(window[1])]
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _pool(x, window):
-    return functools.reduce(jnp.maximum, _window_elements(x, window))
-
-
-@_pool.defjvp
-def _pool_jvp(window, primals, tangents):
-    (x,), (x_dot,) = primals, tangents
-    elements = _window_elements(x, window)
-    pooled = functools.reduce(jnp.maximum, elements)
-    # The first maximum of the window, in row-major order, takes the tangent.
-    element_dots = _window_elements(x_dot, window)
-    pooled_dot = element_dots[-1]
-    for element, element_dot in zip(elements[-2::-1], element_dots[-2::-1]):
-        pooled_dot = jnp.where(element == pooled, element_dot, pooled_dot)
-    return pooled, pooled_dot
+    return pool_cpu.max_pool(x[:, :height, :width], window)
 
 
 def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
