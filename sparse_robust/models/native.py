@@ -3,9 +3,9 @@
 Each kernel is one C++ source beside its Python module (`winograd_cpu.cc`, `direct_cpu.cc`,
 `pool_cpu.cc`, `sparse_cpu.cc`, `attacks/fab_cpu.cc`, all including `native_parallel.h`), built
 on first use with the machine's C++ compiler (`$CXX`, else `c++`) against this jaxlib's FFI
-headers, for this CPU (`-march=native`), and kept in `cache_dir()` under a name that hashes everything the binary
-depends on (`cache_key`): the source and the headers it may include, jaxlib's version, the
-compiler, the flags and the CPU's instruction-set features. The features matter because
+headers, for this CPU (`-march=native`), and kept in `cache_dir()` under a name that hashes
+everything the binary depends on (`cache_key`): the source and the headers it may include,
+jaxlib's version, the compiler, the flags and the CPU's instruction-set features. The features matter because
 `-march=native` emits every instruction the building CPU has: on a cluster whose nodes share a
 home directory, a library built on a newer node would die of an illegal instruction on an older
 one; with the features in the key, each kind of node builds and finds its own.
