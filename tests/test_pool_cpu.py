@@ -64,6 +64,19 @@ def test_values_gradients_and_tangents_equal_nn_max_pool_with_ties(shape):
                                   jax.jvp(_reference, (x,), (tangent,))[1])
 
 
+def test_native_false_runs_the_xla_ops_with_the_same_values_and_gradient():
+    x = _tied((5, 8, 6, 6))
+    pools = {native: (lambda x, native=native: pool_cpu.max_pool(x, (2, 2), native=native))
+             for native in (True, False)}
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(pools[False](x)))).lower(x).as_text()
+    assert "custom_call" not in hlo
+    cotangent = jax.random.normal(jax.random.key(1), (5, 4, 3, 6))
+    for native in (True, False):
+        y, vjp = jax.vjp(pools[native], x)
+        np.testing.assert_array_equal(y, _reference(x))
+        np.testing.assert_array_equal(vjp(cotangent)[0], jax.vjp(_reference, x)[1](cotangent)[0])
+
+
 def test_a_window_with_a_nan_pools_to_nan():
     x = jax.random.normal(jax.random.key(0), (2, 4, 6, 5)).at[1, 2, 3, 4].set(jnp.nan)
     y = jax.jit(lambda x: max_pool(x, (2, 2)))(x)
