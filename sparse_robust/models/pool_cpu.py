@@ -3,20 +3,17 @@ elsewhere.
 
 XLA:CPU runs a pool of few channels at a fraction of memory speed, its gradient worse: LeNet-5's
 first pool (113 images, 28x28x6) took 0.15 ms forward and 0.6 ms for its gradient, more than
-the convolution before it. `pool_cpu.cc` serves 2x2 windows of at most 16 channels (LeNet-5's,
-and the first layers of the conv nets) with vectors that hold a window's column for every
-channel at once.
+the convolution before it. `pool_cpu.cc` serves 2x2 windows of at most 16 channels (LeNet-5's)
+with vectors that hold a window's column for every channel at once.
 
 Three primitives: `max_pool(x, window)`; `select(x, t)`, the element of `t` at each window's
 first maximum of x (the pool's tangent, linear in t); and `scatter(x, ct)`, its transpose in t
 (the pool's gradient). x's argmax is piecewise constant, so neither depends differentiably on x:
 derivatives of any order, `vmap` (folded into the image axis), `jit` and `scan` work. The tie
-rule is `select_and_scatter_add`'s: the first maximum of a window, in row-major order. Each runs
-as its kernel where bound `native` (`serves`) and as XLA ops otherwise: the maximum of each
-window's elements (slices of a free reshape, which XLA fuses into one pass), and for the
-tangent the position of each window's first maximum and a masked sum, whose transpose is one
-masked broadcast (64-channel pools: forward and gradient 1.5x faster than before, both forms
-measured in benchmarks/README.md).
+rule is `select_and_scatter_add`'s: the first maximum of a window, in row-major order.
+`max_pool` binds them where the kernel `serves`; elsewhere it runs as XLA ops: each window's
+maximum, and for the tangent the position of its first maximum (found in the forward pass) and
+a masked sum, whose transpose is one masked broadcast.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -46,37 +42,18 @@ def serves(x, window) -> bool:
 
 
 def _load() -> str | None:
-    return native.load(SOURCE, tuple((primitive, symbol, _cpu_lowering(primitive, reference))
-                                     for primitive, symbol, reference in _KERNELS))
+    return native.load(SOURCE, ((max_pool_p, "SparseRobustMaxPool"),
+                                (select_p, "SparseRobustPoolSelect"),
+                                (scatter_p, "SparseRobustPoolScatter")))
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], native: bool | None = None) -> jax.Array:
     """Each window's maximum of NHWC `x`, whose height and width are multiples of `window`; on
     the kernel where `native` (default: where it `serves`), else as XLA ops."""
-    wh, ww = map(int, window)
-    native = serves(x, window) if native is None else bool(native) and serves(x, window)
-    return max_pool_p.bind(x, wh=wh, ww=ww, native=native)
-
-
-def _cpu_lowering(primitive, reference):
-    """On CPU: the kernel where the call was bound `native`, else the XLA ops."""
-    def lower(*args, wh, ww, native):
-        if not native:
-            return reference(*args, wh=wh, ww=ww)
-        out = primitive.abstract_eval(*args, wh=wh, ww=ww, native=native)[0]
-        return jax.ffi.ffi_call(primitive.name, jax.ShapeDtypeStruct(out.shape, out.dtype))(*args)
-    return lower
-
-
-def _elements(x, wh, ww):
-    """The wh * ww elements of each window, in row-major order, each (N, H/wh, W/ww, C)."""
-    n, h, w, c = x.shape
-    rows = x.reshape(n, h // wh, wh, w // ww, ww * c)
-    return [rows[:, :, i, :, j * c:(j + 1) * c] for i in range(wh) for j in range(ww)]
-
-
-def _reference_pool(x, *, wh, ww, native=False):
-    return functools.reduce(jnp.maximum, _elements(x, wh, ww))
+    window = tuple(map(int, window))
+    if serves(x, window) if native is None else native and serves(x, window):
+        return max_pool_p.bind(x, wh=window[0], ww=window[1])
+    return _xla_pool(x, window)
 
 
 def _windows(x, wh, ww):
@@ -85,17 +62,46 @@ def _windows(x, wh, ww):
     return x.reshape(n, h // wh, wh, w // ww, ww, c)
 
 
-def _reference_select(x, t, *, wh, ww, native=False):
-    # The position of each window's first maximum, then a masked sum: its transpose (the
-    # gradient) is one masked broadcast, which XLA runs faster than the transposes of slices.
+def _maxima(x, wh, ww):
+    """Each window's maximum and the row-major position of its first maximum, both kept as
+    (N, H/wh, 1, W/ww, 1, C), and the positions (1, 1, wh, 1, ww, 1)."""
     windows = _windows(x, wh, ww)
-    pooled = functools.reduce(jnp.maximum, _elements(x, wh, ww))[:, :, None, :, None]
+    pooled = jnp.max(windows, axis=(2, 4), keepdims=True)
     position = jnp.arange(wh * ww).reshape(1, 1, wh, 1, ww, 1)
     first = jnp.min(jnp.where(windows == pooled, position, wh * ww), axis=(2, 4), keepdims=True)
+    return pooled, first, position
+
+
+def _pick(first, position, t, wh, ww):
+    """The element of t at each window's first maximum: a masked sum, whose transpose is one
+    masked broadcast."""
     return jnp.sum(jnp.where(position == first, _windows(t, wh, ww), 0), axis=(2, 4))
 
 
-def _reference_scatter(x, ct, *, wh, ww, native=False):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _xla_pool(x, window):
+    return jnp.max(_windows(x, *window), axis=(2, 4))
+
+
+@_xla_pool.defjvp
+def _xla_pool_jvp(window, primals, tangents):
+    # The first maxima are found once, in the forward pass; reverse mode keeps them.
+    (x,), (x_dot,) = primals, tangents
+    pooled, first, position = _maxima(x, *window)
+    return pooled[:, :, 0, :, 0], _pick(first, position, x_dot, *window)
+
+
+# The primitives' lowering where the kernel is not registered: the same XLA ops.
+def _reference_pool(x, *, wh, ww):
+    return _xla_pool(x, (wh, ww))
+
+
+def _reference_select(x, t, *, wh, ww):
+    _, first, position = _maxima(x, wh, ww)
+    return _pick(first, position, t, wh, ww)
+
+
+def _reference_scatter(x, ct, *, wh, ww):
     aval = jax.ShapeDtypeStruct(x.shape, ct.dtype)
     return jax.linear_transpose(lambda t: _reference_select(x, t, wh=wh, ww=ww), aval)(ct)[0]
 
@@ -118,7 +124,7 @@ def _fold_batch(primitive, args, dims, **params):
 
 def _define(name, abstract_eval, reference):
     primitive = Primitive(name)
-    compiled = jax.jit(primitive.bind, static_argnames=("wh", "ww", "native"))
+    compiled = jax.jit(primitive.bind, static_argnames=("wh", "ww"))
     primitive.def_impl(lambda *args, **params: compiled(*args, **params))
     primitive.def_abstract_eval(abstract_eval)
     batching.primitive_batchers[primitive] = functools.partial(_fold_batch, primitive)
@@ -126,17 +132,14 @@ def _define(name, abstract_eval, reference):
     return primitive
 
 
-max_pool_p = _define("sparse_robust_max_pool",
-                     lambda x, *, wh, ww, native: _pooled(x, wh, ww), _reference_pool)
+max_pool_p = _define("sparse_robust_max_pool", lambda x, *, wh, ww: _pooled(x, wh, ww),
+                     _reference_pool)
 select_p = _define("sparse_robust_pool_select",
-                   lambda x, t, *, wh, ww, native: _pooled(x, wh, ww).update(dtype=t.dtype),
+                   lambda x, t, *, wh, ww: _pooled(x, wh, ww).update(dtype=t.dtype),
                    _reference_select)
 scatter_p = _define("sparse_robust_pool_scatter",
-                    lambda x, ct, *, wh, ww, native: jax.core.ShapedArray(x.shape, ct.dtype),
+                    lambda x, ct, *, wh, ww: jax.core.ShapedArray(x.shape, ct.dtype),
                     _reference_scatter)
-_KERNELS = ((max_pool_p, "SparseRobustMaxPool", _reference_pool),
-            (select_p, "SparseRobustPoolSelect", _reference_select),
-            (scatter_p, "SparseRobustPoolScatter", _reference_scatter))
 
 
 def _pool_jvp(primals, tangents, **params):

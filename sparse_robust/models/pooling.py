@@ -3,9 +3,8 @@
 `nn.max_pool` is `lax.reduce_window`, whose gradient (`select_and_scatter_add`) XLA:CPU lowers to
 four index arrays and a scatter: a third of a lenet-5 PGD step (benchmarks/README.md). Here the
 pool is `pool_cpu`'s primitives: on one CPU device, for 2x2 windows of at most 16 channels, a
-kernel that reads each window once, forward and for its gradient; elsewhere XLA ops (the maximum
-of each window's elements, slices of a free reshape, and a masked sum at each window's first
-maximum for the tangent). The tie rule is `select_and_scatter_add`'s: the first maximum of a
+kernel that reads each window once, forward and for its gradient; elsewhere XLA ops (a reshape
+and a max, and a masked sum at each window's first maximum for the tangent). The tie rule is `select_and_scatter_add`'s: the first maximum of a
 window, in row-major order, takes all of the gradient. Outputs and gradients equal
 `nn.max_pool(x, window, strides=window, padding=padding)`.
 """
