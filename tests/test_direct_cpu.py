@@ -203,3 +203,16 @@ def test_on_several_devices_auto_keeps_patches():
     got = _probe(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert got["devices"] == 8
     assert got["impls"] == {"conv_0": "patches", "conv_1": "patches"}
+
+
+def test_a_float64_call_of_a_float32_layer_runs_the_patches_path():
+    """The kernel is float32; promoted float64 inputs (x64 on) take the patches path."""
+    from sparse_robust.models import Conv
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1), jnp.float64)
+        layer = Conv(6, (5, 5), padding="SAME", conv_impl="direct_cpu")
+        y, variables = layer.init_with_output(jax.random.key(1), x)
+        assert y.dtype == jnp.float64
+        want = _xla(x, variables["params"]["kernel"].astype(jnp.float64), ((2, 2), (2, 2)))
+        np.testing.assert_allclose(y, want + variables["params"]["bias"], rtol=1e-10, atol=1e-10)

@@ -133,7 +133,7 @@ class Conv(nn.Conv):
         elif impl == "direct_cpu" and inputs.dtype == jnp.float32:
             y = direct_cpu.conv(inputs, kernel, padding)
         else:
-            conv = conv_patches if impl == "patches" else conv_winograd
+            conv = conv_winograd if impl in ("winograd", "winograd_cpu") else conv_patches
             y = conv(inputs, kernel, strides, padding, self.precision)
         return y if bias is None else y + bias
 
