@@ -65,7 +65,7 @@ def main() -> None:
     for name, shape in POOLS:
         x = jax.random.normal(key_x, (args.batch, *shape))
         cotangent = jax.random.normal(key_c, (args.batch, shape[0] // 2, shape[1] // 2, shape[2]))
-        paths = {"XLA ops": lambda x: pool_cpu.max_pool(x, (2, 2), native=False),
+        paths = {"XLA ops": lambda x: pool_cpu.max_pool(x, (2, 2), use_kernel=False),
                  "kernel": lambda x: pool_cpu.max_pool(x, (2, 2))}
         times = {path: _forward_and_input_gradient(fn, x, cotangent) for path, fn in paths.items()}
         (xf, xg), (kf, kg) = times["XLA ops"], times["kernel"]

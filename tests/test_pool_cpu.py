@@ -64,15 +64,16 @@ def test_values_gradients_and_tangents_equal_nn_max_pool_with_ties(shape):
                                   jax.jvp(_reference, (x,), (tangent,))[1])
 
 
-def test_native_false_runs_the_xla_ops_with_the_same_values_and_gradient():
+def test_use_kernel_false_runs_the_xla_ops_with_the_same_values_and_gradient():
     x = _tied((5, 8, 6, 6))
-    pools = {native: (lambda x, native=native: pool_cpu.max_pool(x, (2, 2), native=native))
-             for native in (True, False)}
-    hlo = jax.jit(jax.grad(lambda x: jnp.sum(pools[False](x)))).lower(x).as_text()
-    assert "custom_call" not in hlo
+    pools = {flag: (lambda x, flag=flag: pool_cpu.max_pool(x, (2, 2), use_kernel=flag))
+             for flag in (True, False)}
+    hlo = {flag: jax.jit(jax.grad(lambda x: jnp.sum(pools[flag](x)))).lower(x).as_text()
+           for flag in (True, False)}
+    assert "sparse_robust_pool_scatter" in hlo[True] and "custom_call" not in hlo[False]
     cotangent = jax.random.normal(jax.random.key(1), (5, 4, 3, 6))
-    for native in (True, False):
-        y, vjp = jax.vjp(pools[native], x)
+    for flag in (True, False):
+        y, vjp = jax.vjp(pools[flag], x)
         np.testing.assert_array_equal(y, _reference(x))
         np.testing.assert_array_equal(vjp(cotangent)[0], jax.vjp(_reference, x)[1](cotangent)[0])
 

@@ -47,11 +47,11 @@ def _load() -> str | None:
                                 (scatter_p, "SparseRobustPoolScatter")))
 
 
-def max_pool(x: jax.Array, window: tuple[int, int], native: bool | None = None) -> jax.Array:
+def max_pool(x: jax.Array, window: tuple[int, int], use_kernel: bool | None = None) -> jax.Array:
     """Each window's maximum of NHWC `x`, whose height and width are multiples of `window`; on
-    the kernel where `native` (default: where it `serves`), else as XLA ops."""
+    the kernel where `use_kernel` (default: where it `serves`), else as XLA ops."""
     window = tuple(map(int, window))
-    if serves(x, window) if native is None else native and serves(x, window):
+    if serves(x, window) if use_kernel is None else use_kernel and serves(x, window):
         return max_pool_p.bind(x, wh=window[0], ww=window[1])
     return _xla_pool(x, window)
 
