@@ -39,8 +39,7 @@ constexpr int columns_for(int co) {
 struct Geometry {
   int64_t n, h, w, cin, cout, kh, kw, top, left, out_h, out_w;
   int co;                  // output channels per register block
-  int p;                   // output columns per register block
-  int64_t out_w_padded;    // out_w rounded up to p
+  int64_t out_w_padded;    // out_w rounded up to the register block's columns_for(co)
   int64_t cout_padded;     // cout rounded up to co
   int64_t in_w;            // columns of the transposed input: out_w_padded + kw - 1
 };
@@ -234,8 +233,8 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   g.out_h = g.h + top + bottom - g.kh + 1;
   g.out_w = g.w + left + right - g.kw + 1;
   g.co = int(std::min<int64_t>(g.cout, 8));
-  g.p = columns_for(g.co);
-  g.out_w_padded = (g.out_w + g.p - 1) / g.p * g.p;
+  const int columns = columns_for(g.co);
+  g.out_w_padded = (g.out_w + columns - 1) / columns * columns;
   g.cout_padded = (g.cout + g.co - 1) / g.co * g.co;
   g.in_w = g.out_w_padded + g.kw - 1;
   const RowFn row = row_for(g.co, g.kw);

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from sparse_robust.models import native
 from sparse_robust.models.patches import conv_patches
@@ -108,16 +107,7 @@ def _transpose_kernel(ct, x, kernel, **padding):
     return jax.linear_transpose(lambda k: _reference(x, k, **padding), aval)(ct)[0]
 
 
-def _batch(args, dims, **padding):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
-    return conv_p.bind(*(batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)),
-                       **padding), 0
-
-
-conv_p = Primitive("sparse_robust_direct_conv")
-_compiled = jax.jit(conv_p.bind, static_argnames=("top", "bottom", "left", "right"))
-conv_p.def_impl(lambda x, k, **padding: _compiled(x, k, **padding))  # eager: the compiled call
-conv_p.def_abstract_eval(_abstract_eval)
+conv_p = native.define_primitive("sparse_robust_direct_conv", _abstract_eval, _reference,
+                                 static=("top", "bottom", "left", "right"))
 ad.defbilinear(conv_p, _transpose_x, _transpose_kernel)
-batching.primitive_batchers[conv_p] = _batch
-mlir.register_lowering(conv_p, mlir.lower_fun(_reference, multiple_results=False))
+batching.primitive_batchers[conv_p] = native.leading_batch_rule(conv_p)

@@ -30,7 +30,8 @@ from typing import Sequence
 
 import jax
 import jaxlib
-from jax.interpreters import mlir
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
 
 FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 
@@ -100,6 +101,28 @@ def build(source: Path, compiler: str) -> Path:
         if os.path.exists(partial):
             os.remove(partial)
     return library
+
+
+def define_primitive(name: str, abstract_eval, reference, static: Sequence[str] = ()) -> Primitive:
+    """A kernel's primitive: eager calls run it compiled (`static`: its parameters), its shapes
+    come from `abstract_eval`, and it lowers to `reference` (XLA ops) wherever `load` has not
+    registered the kernel (off CPU, before the build, without a compiler)."""
+    primitive = Primitive(name)
+    compiled = jax.jit(primitive.bind, static_argnames=tuple(static))
+    primitive.def_impl(lambda *args, **params: compiled(*args, **params))
+    primitive.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=False))
+    return primitive
+
+
+def leading_batch_rule(primitive: Primitive):
+    """A vmap rule for a primitive whose leading operand dimensions are a batch it loops over:
+    the mapped axis moves to the front of every operand (unmapped ones are broadcast)."""
+    def rule(args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
+        return primitive.bind(*(batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)),
+                              **params), 0
+    return rule
 
 
 @functools.cache

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from sparse_robust.models import native
 
@@ -123,12 +122,8 @@ def _fold_batch(primitive, args, dims, **params):
 
 
 def _define(name, abstract_eval, reference):
-    primitive = Primitive(name)
-    compiled = jax.jit(primitive.bind, static_argnames=("wh", "ww"))
-    primitive.def_impl(lambda *args, **params: compiled(*args, **params))
-    primitive.def_abstract_eval(abstract_eval)
+    primitive = native.define_primitive(name, abstract_eval, reference, static=("wh", "ww"))
     batching.primitive_batchers[primitive] = functools.partial(_fold_batch, primitive)
-    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=False))
     return primitive
 
 

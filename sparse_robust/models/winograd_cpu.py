@@ -33,8 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from sparse_robust.models import native, winograd
 from sparse_robust.models.native import cache_dir  # noqa: F401  (where the build is kept)
@@ -122,23 +121,12 @@ def _flipped(u):
     return jnp.swapaxes(grid, -1, -2).reshape(u.shape[:-3] + (16, u.shape[-1], u.shape[-2]))
 
 
-def _batch(primitive):
-    def rule(args, dims):
-        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
-        return primitive.bind(*(batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))), 0
-    return rule
-
-
 def _define(name, abstract_eval, reference, transpose_first, transpose_second):
     """A primitive bilinear in its two operands, lowered to `reference` (until `_load` registers
     the kernel for CPU); transposes take (cotangent, first, second)."""
-    primitive = Primitive(name)
-    compiled = jax.jit(primitive.bind)
-    primitive.def_impl(lambda a, b: compiled(a, b))  # eager calls run the compiled primitive
-    primitive.def_abstract_eval(abstract_eval)
+    primitive = native.define_primitive(name, abstract_eval, reference)
     ad.defbilinear(primitive, transpose_first, transpose_second)
-    batching.primitive_batchers[primitive] = _batch(primitive)
-    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=False))
+    batching.primitive_batchers[primitive] = native.leading_batch_rule(primitive)
     return primitive
 
 
